@@ -1,0 +1,1 @@
+"""Shipped per-model configs (JSON), installed as ``sparse_prefill.configs``."""

@@ -1,0 +1,29 @@
+"""Per-architecture adapters, keyed on ``config.model_type``.
+
+An adapter only says where a model keeps its attention modules, what shape they have and which layers must stay
+dense; no forward is rewritten. The attention itself goes through transformers' ``AttentionInterface``.
+"""
+
+from __future__ import annotations
+
+from .base import Adapter, UnsupportedModelError
+from .llama import ADAPTER as LLAMA
+from .qwen2 import ADAPTER as QWEN2
+
+ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (LLAMA, QWEN2)}
+
+
+def adapter_for(model, force: bool = False) -> Adapter:
+    """The adapter for ``model``; with ``force=True`` an unknown decoder gets the generic Llama-style adapter."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type]
+    if force:
+        return Adapter(model_type)
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported (supported: {sorted(ADAPTERS)}); "
+        "pass force=True to patch a Llama-style decoder anyway"
+    )
+
+
+__all__ = ["ADAPTERS", "Adapter", "UnsupportedModelError", "adapter_for"]

@@ -1,0 +1,28 @@
+"""sparse_prefill: per-head dynamic sparse attention (MInference patterns) for HuggingFace transformers prefill.
+
+    from sparse_prefill import patch_model, unpatch_model
+    patch_model(model)            # shipped config for the model, else the default
+    model.generate(**long_prompt)  # prefill sparse, decode stock
+    unpatch_model(model)
+"""
+
+from .config import ConfigError, HeadSpec, ModelInfo, SparseConfig, load_config, save_config
+from .patch import is_patched, last_report, patch_model, report_json, unpatch_model
+from .patches import UnsupportedModelError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "HeadSpec",
+    "ModelInfo",
+    "SparseConfig",
+    "UnsupportedModelError",
+    "is_patched",
+    "last_report",
+    "load_config",
+    "patch_model",
+    "report_json",
+    "save_config",
+    "unpatch_model",
+]

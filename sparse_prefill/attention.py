@@ -1,0 +1,199 @@
+"""The attention function registered with transformers, and its per-call dispatch.
+
+transformers calls ``sparse_prefill_attention(module, query, key, value, attention_mask, ...)`` for every attention
+layer of a patched model. It reads the layer's head specs from ``module`` (set by :func:`sparse_prefill.patch_model`)
+and picks one path per call:
+
+* ``decode``: q_len == 1 -> the stock SDPA function, untouched;
+* ``dense``: prompt shorter than ``min_seq_len``, every head dense, or an input the sparse path does not cover
+  (a mask that is not causal + left padding, dropout, soft-capping, sliding window) -> SDPA;
+* ``sparse``: build the index for all heads (:func:`~sparse_prefill.estimate.build_index`) and run it on one backend:
+  the Triton kernel on CUDA, the blockwise torch path elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .config import HeadSpec
+from .estimate import build_index
+from .index import SparseIndex, tile_density
+from .reference import sparse_attention_torch
+
+logger = logging.getLogger("sparse_prefill")
+
+ATTN_NAME = "sparse_prefill"
+# Fastest first: cuDNN is the fastest dense kernel on Hopper; SDPA skips the ones that cannot take the input.
+_DENSE_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+@dataclass
+class LayerRecord:
+    """What one layer did on its last call. ``density`` is per (sample, head), computed when first read."""
+
+    layer: int
+    path: str
+    reason: str = ""
+    patterns: list[str] = field(default_factory=list)
+    q_len: int = 0
+    kv_len: int = 0
+    index: SparseIndex | None = None
+    _density: torch.Tensor | None = None
+
+    @property
+    def density(self) -> list[list[float]] | None:
+        """Per sample and head: computed BLOCK×BLOCK tiles over causal tiles (1.0 on the dense path)."""
+        if self.index is None:
+            return None
+        if self._density is None:
+            self._density = tile_density(self.index).cpu()
+        return self._density.tolist()
+
+
+@dataclass
+class PatchState:
+    """Shared by the layers of one patched model."""
+
+    min_seq_len: int
+    backend: str
+    records: dict[int, LayerRecord] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+    _mask_ref: object = None
+    _mask_starts: list[int] | None = None
+
+    def warn_once(self, message: str) -> None:
+        if message not in self.warned:
+            self.warned.add(message)
+            logger.warning(message)
+
+    def kv_start(self, mask: torch.Tensor | None, batch: int) -> list[int] | None:
+        """First valid key per sample, or None when the mask is more than causal + left padding.
+
+        Read from the mask's last query row (it sees every key causally, so it is the key-padding row). The mask is the
+        same tensor for every layer of a forward, so it is read (one host sync) once per forward.
+        """
+        if mask is None:
+            return [0] * batch
+        if self._mask_ref is not None and self._mask_ref() is mask:
+            return self._mask_starts
+        starts = None
+        if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1:
+            row = mask[:, 0, -1, :]
+            first = row.int().argmax(-1)
+            suffix = torch.arange(row.shape[-1], device=row.device)[None, :] >= first[:, None]
+            if bool((row == suffix).all()) and bool(row.any(-1).all()):
+                starts = first.tolist()
+        self._mask_ref, self._mask_starts = weakref.ref(mask), starts
+        return starts
+
+
+@dataclass
+class LayerState:
+    layer: int
+    heads: list[HeadSpec]
+    patch: PatchState
+
+    @property
+    def all_dense(self) -> bool:
+        return all(h.pattern == "dense" for h in self.heads)
+
+
+# Attention module -> its layer's state. Weak keys: a model that is deleted takes its entries with it.
+LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, LayerState] = weakref.WeakKeyDictionary()
+
+
+def dense_attention(module, query, key, value, attention_mask, **kwargs):
+    """Stock SDPA, with the fastest backend first on CUDA."""
+    ctx = sdpa_kernel(_DENSE_BACKENDS, set_priority=True) if query.is_cuda else contextlib.nullcontext()
+    with ctx:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _unsupported(kwargs: dict, dropout: float) -> str:
+    if dropout:
+        return "dropout"
+    for name in ("softcap", "sliding_window", "position_bias", "cache"):
+        if kwargs.get(name) is not None:
+            return name
+    return ""
+
+
+def sparse_prefill_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function (``AttentionInterface``) with per-head sparse prefill.
+
+    Args:
+        module: the attention module; its patched state says the layer's head specs.
+        query: [B, Hq, q_len, D] after RoPE. key, value: [B, Hkv, kv_len, D], the whole cache, not repeated.
+        attention_mask: None (causal) or bool [B, 1, q_len, kv_len], True = attend.
+        dropout, scaling: as for SDPA; the sparse path needs ``dropout == 0``.
+    Returns:
+        ([B, q_len, Hq, D] contiguous, None).
+    """
+    state = LAYERS.get(module)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if state is None or q_len == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    patch = state.patch
+    record = LayerRecord(state.layer, "dense", q_len=q_len, kv_len=kv_len)
+    patch.records[state.layer] = record
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    dense = lambda: dense_attention(  # noqa: E731
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs
+    )
+    if state.all_dense:
+        record.reason = "all heads dense"
+        return dense()
+    if kv_len < patch.min_seq_len:
+        record.reason = f"kv_len {kv_len} < min_seq_len {patch.min_seq_len}"
+        return dense()
+    if reason := _unsupported(kwargs, dropout):
+        record.reason = f"{reason} is not supported by the sparse path"
+        patch.warn_once(f"sparse_prefill: {record.reason}; layer {state.layer} runs dense")
+        return dense()
+    kv_start = patch.kv_start(attention_mask, query.shape[0])
+    if kv_start is None:
+        record.reason = "attention mask is not causal + left padding"
+        patch.warn_once(f"sparse_prefill: {record.reason}; running dense")
+        return dense()
+    run = _backend(patch, query, key)
+    if run is None:
+        record.reason = "no sparse backend for this input"
+        return dense()
+    index = build_index(query, key, state.heads, scale, kv_start)
+    record.path, record.reason, record.index = "sparse", "", index
+    record.patterns = [h.pattern for h in state.heads]
+    return run(query, key, value, index, scale), None
+
+
+def _backend(patch: PatchState, query: torch.Tensor, key: torch.Tensor):
+    """The sparse runner for this input, or None (after one warning) when only dense can run it."""
+    if patch.backend == "torch" or (patch.backend == "auto" and not query.is_cuda):
+        return sparse_attention_torch
+    from .kernels import sparse_attention_triton, supports
+
+    reason = supports(query, key)
+    if reason is None:
+        return sparse_attention_triton
+    patch.warn_once(f"sparse_prefill: Triton kernel unavailable ({reason}); running dense")
+    return None

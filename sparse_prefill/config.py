@@ -1,0 +1,220 @@
+"""Per-head sparse attention config: schema, validation, JSON load/save.
+
+A config names the model it was made for (type and shape), the prompt length below which prefill stays dense, and
+one pattern per (layer, head)::
+
+    {
+      "format": "sparse_prefill/1",
+      "model": {"name": "SmolLM2-135M-Instruct", "model_type": "llama",
+                "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64},
+      "min_seq_len": 8192,
+      "defaults": {"vertical_slash": {"vertical": 1000, "slash": 6096}},
+      "layers": [[{"pattern": "vertical_slash", "slash": 2048}, {"pattern": "dense"}, ...], ...],
+      "provenance": {"tool": "sparse_prefill.calibrate", ...}
+    }
+
+A head entry gives a pattern and any of its parameters; missing ones come from ``defaults``, then from
+``PATTERN_DEFAULTS``. Budgets (token or block counts) are positive integers, or fractions in (0, 1) of the key length
+of the call, so one config can serve several prompt lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "sparse_prefill/1"
+DEFAULT_MIN_SEQ_LEN = 8192
+
+# Built-in parameters per pattern (MInference's defaults). Budgets may be fractions; the rest are integers.
+PATTERN_DEFAULTS: dict[str, dict[str, int | float]] = {
+    "dense": {},
+    # sink keys + a local window of keys.
+    "a_shape": {"sink": 128, "local": 3968},
+    # top key columns + top diagonals from the last `last_q` queries; always keep the first `force_vertical` columns
+    # (attention sinks) and the `force_slash` nearest diagonals (the local window).
+    "vertical_slash": {"vertical": 1000, "slash": 6096, "last_q": 64, "force_vertical": 30, "force_slash": 100},
+    # top-k key blocks per query block from mean-pooled q·k.
+    "block_sparse": {"top_k": 100},
+}
+BUDGETS = {"sink", "local", "vertical", "slash", "top_k"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the rule."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One head's pattern with all parameters filled in."""
+
+    pattern: str
+    params: dict[str, int | float] = field(default_factory=dict)
+
+    def budget(self, name: str, kv_len: int) -> int:
+        """A budget resolved for a key length: fractions scale with it, and nothing exceeds it."""
+        value = self.params[name]
+        count = math.ceil(value * kv_len) if isinstance(value, float) else value
+        return max(1, min(int(count), kv_len))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pattern": self.pattern, **self.params}
+
+
+@dataclass
+class SparseConfig:
+    """A validated config. ``layers[l][h]`` is the spec of query head h in layer l."""
+
+    model: ModelInfo
+    layers: list[list[HeadSpec]]
+    min_seq_len: int = DEFAULT_MIN_SEQ_LEN
+    defaults: dict[str, dict[str, int | float]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def uniform(
+        cls, model: ModelInfo, pattern: str = "vertical_slash", min_seq_len: int = DEFAULT_MIN_SEQ_LEN, **params
+    ) -> SparseConfig:
+        """The same pattern on every head, e.g. ``SparseConfig.uniform(info, "a_shape", local=1024)``."""
+        head = {"pattern": pattern, **params}
+        return cls.from_dict(
+            {
+                "format": FORMAT,
+                "model": vars(model),
+                "min_seq_len": min_seq_len,
+                "layers": [[head] * model.num_heads for _ in range(model.num_layers)],
+                "provenance": {"tool": "SparseConfig.uniform"},
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SparseConfig:
+        """Validate a parsed JSON config. Raises ConfigError naming the first bad field."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config: must be a JSON object, got {type(raw).__name__}")
+        if raw.get("format") != FORMAT:
+            raise ConfigError(f"format: must be {FORMAT!r}, got {raw.get('format')!r}")
+        model = _model_info(raw.get("model"))
+        min_seq_len = raw.get("min_seq_len", DEFAULT_MIN_SEQ_LEN)
+        _check_int(min_seq_len, "min_seq_len", minimum=0)
+        defaults = raw.get("defaults", {})
+        if not isinstance(defaults, dict):
+            raise ConfigError("defaults: must be an object mapping pattern names to parameters")
+        for pattern, params in defaults.items():
+            _check_params(pattern, params, f"defaults.{pattern}")
+        layers = raw.get("layers")
+        if not isinstance(layers, list) or len(layers) != model.num_layers:
+            got = len(layers) if isinstance(layers, list) else type(layers).__name__
+            raise ConfigError(f"layers: must be a list of model.num_layers={model.num_layers} layers, got {got}")
+        specs = []
+        for li, heads in enumerate(layers):
+            if not isinstance(heads, list) or len(heads) != model.num_heads:
+                got = len(heads) if isinstance(heads, list) else type(heads).__name__
+                raise ConfigError(f"layers[{li}]: must list model.num_heads={model.num_heads} heads, got {got}")
+            specs.append([_head_spec(entry, defaults, f"layers[{li}][{hi}]") for hi, entry in enumerate(heads)])
+        provenance = raw.get("provenance", {})
+        if not isinstance(provenance, dict):
+            raise ConfigError("provenance: must be an object")
+        return cls(model, specs, min_seq_len, defaults, provenance)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "model": vars(self.model),
+            "min_seq_len": self.min_seq_len,
+            "defaults": self.defaults,
+            "layers": [[spec.to_dict() for spec in heads] for heads in self.layers],
+            "provenance": self.provenance,
+        }
+
+    def check_model(self, model: ModelInfo) -> None:
+        """Raise ConfigError unless this config's shape matches the model's."""
+        for name in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            want, got = getattr(self.model, name), getattr(model, name)
+            if want != got:
+                raise ConfigError(f"model.{name}: config was made for {want!r}, the model has {got!r}")
+
+
+def load_config(path: str | Path) -> SparseConfig:
+    """Read and validate a JSON config."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    return SparseConfig.from_dict(raw)
+
+
+def save_config(config: SparseConfig, path: str | Path) -> None:
+    """Write a config as JSON, one layer per line so diffs stay readable."""
+    raw = config.to_dict()
+    layers = raw.pop("layers")
+    body = json.dumps(raw, indent=2)[:-2]
+    rows = ",\n".join("    " + json.dumps(heads) for heads in layers)
+    Path(path).write_text(f'{body},\n  "layers": [\n{rows}\n  ]\n}}\n')
+
+
+def _model_info(raw: Any) -> ModelInfo:
+    if not isinstance(raw, dict):
+        raise ConfigError("model: must be an object with name, model_type, num_layers, num_heads, ...")
+    for name in ("name", "model_type"):
+        if not isinstance(raw.get(name), str):
+            raise ConfigError(f"model.{name}: must be a string")
+    for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        _check_int(raw.get(name), f"model.{name}", minimum=1)
+    if raw["num_heads"] % raw["num_kv_heads"]:
+        raise ConfigError("model.num_heads: must be a multiple of model.num_kv_heads")
+    return ModelInfo(**{k: raw[k] for k in ModelInfo.__dataclass_fields__})
+
+
+def _head_spec(entry: Any, defaults: dict, where: str) -> HeadSpec:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be an object with a 'pattern'")
+    pattern = entry.get("pattern")
+    if pattern not in PATTERN_DEFAULTS:
+        raise ConfigError(f"{where}.pattern: unknown pattern {pattern!r}; expected one of {sorted(PATTERN_DEFAULTS)}")
+    params = {k: v for k, v in entry.items() if k != "pattern"}
+    _check_params(pattern, params, where)
+    full = {**PATTERN_DEFAULTS[pattern], **defaults.get(pattern, {}), **params}
+    if pattern == "vertical_slash":
+        for budget, forced in (("vertical", "force_vertical"), ("slash", "force_slash")):
+            if isinstance(full[budget], int) and full[forced] > full[budget]:
+                raise ConfigError(f"{where}.{forced}: must not exceed {budget}={full[budget]}")
+    return HeadSpec(pattern, full)
+
+
+def _check_params(pattern: str, params: Any, where: str) -> None:
+    if pattern not in PATTERN_DEFAULTS:
+        raise ConfigError(f"{where}: unknown pattern {pattern!r}; expected one of {sorted(PATTERN_DEFAULTS)}")
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: must be an object of parameters")
+    for name, value in params.items():
+        if name not in PATTERN_DEFAULTS[pattern]:
+            known = ", ".join(PATTERN_DEFAULTS[pattern]) or "none"
+            raise ConfigError(f"{where}.{name}: unknown parameter for {pattern} (known: {known})")
+        if name in BUDGETS:
+            if isinstance(value, float) and 0.0 < value < 1.0:
+                continue
+            _check_int(value, f"{where}.{name}", minimum=1, fraction_ok=True)
+        else:
+            _check_int(value, f"{where}.{name}", minimum=1 if name == "last_q" else 0)
+
+
+def _check_int(value: Any, where: str, minimum: int, fraction_ok: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        if fraction_ok:
+            kind += " or a fraction in (0, 1)"
+        raise ConfigError(f"{where}: must be {kind}, got {value!r}")

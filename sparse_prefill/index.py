@@ -1,0 +1,242 @@
+"""The sparse index: which keys each query block of each head attends to.
+
+Built once per layer call by :mod:`sparse_prefill.estimate` and read by every backend (the torch reference, the
+blockwise CPU path and the Triton kernels), so all of them compute exactly the same set of (query, key) pairs.
+
+Frames. Sample ``b`` has valid keys ``kv_start[b] .. kv_len - 1`` (left padding before that). Positions are
+*local*: key ``c`` is tensor column ``kv_start[b] + c``. The queries are the last ``q_len`` keys' positions
+(bottom-right causal alignment, as in chunked prefill)::
+
+    q_len=2, kv_len=5, no padding: query 0 sees keys 0..3, query 1 sees keys 0..4
+        1 1 1 1 0
+        1 1 1 1 1
+
+Query rows before the sample's first valid position are padding; the valid ones are split into blocks of
+``BLOCK`` rows from the first valid row on, exactly as a run on the unpadded sample would split them. Key blocks are
+``BLOCK`` local columns each.
+
+Three ways a head names its keys, and a head uses one or two of them:
+
+* ``diag_mask[b, h, d]``: block diagonal ``d`` is on. Query block ``m`` then computes key block ``base(m) - d``, where
+  ``base(m)`` is the key block holding block ``m``'s nominal last row (vertical-slash, A-shape and dense heads).
+* ``col_idx[b, h, :col_cnt[b, h]]``: single key columns, ascending; each query attends to those not after it
+  (vertical-slash and A-shape heads). A column in a block already computed through ``diag_mask`` counts once.
+* ``blk_idx[b, h, m, :blk_cnt[b, h, m]]``: key blocks for query block ``m``, ascending (block-sparse heads).
+
+Memory is O(B·H·(N + V) + B·H·M·K) for N key blocks, V columns and K blocks per row: no S×S and no S×slash buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 64
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class SparseIndex:
+    """Per-layer index in the kernels' format. All integer tensors are int32 on the device of q/k/v.
+
+    Attributes:
+        q_len, kv_len: tensor lengths of the queries and keys (``q_len <= kv_len``).
+        kv_start: [B] first valid key column of each sample (0 without padding).
+        diag_mask: [B, H, N] bool, block diagonals that are on; ``N = cdiv(kv_len, BLOCK)``.
+        diag_idx: [B, H, N] the on diagonals ascending, then padding; ``diag_cnt``: [B, H] how many are on.
+        col_idx: [B, H, V] local key columns ascending, then padding; ``col_cnt``: [B, H].
+        col_row_cnt: [B, H, M] how many of ``col_idx`` a query block can see (columns ``<=`` its last row).
+        blk_idx: [B, H, M, K] key blocks ascending, then padding; ``blk_cnt``: [B, H, M]. K may be 0.
+    """
+
+    q_len: int
+    kv_len: int
+    kv_start: torch.Tensor
+    diag_mask: torch.Tensor
+    diag_idx: torch.Tensor
+    diag_cnt: torch.Tensor
+    col_idx: torch.Tensor
+    col_cnt: torch.Tensor
+    col_row_cnt: torch.Tensor
+    blk_idx: torch.Tensor
+    blk_cnt: torch.Tensor
+
+    @property
+    def num_q_blocks(self) -> int:
+        return cdiv(self.q_len, BLOCK)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return cdiv(self.kv_len, BLOCK)
+
+
+def query_offsets(q_len: int, kv_len: int, kv_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: the first valid query row and its local position. Both [B] int64."""
+    first_pos = kv_len - q_len - kv_start.long()
+    q_start = (-first_pos).clamp(min=0)
+    return q_start, first_pos.clamp(min=0)
+
+
+def block_bases(q_len: int, kv_len: int, kv_start: torch.Tensor) -> torch.Tensor:
+    """[B, M] the key block holding query block m's nominal last row (``base(m)`` in the module docstring)."""
+    _, off = query_offsets(q_len, kv_len, kv_start)
+    m = torch.arange(cdiv(q_len, BLOCK), device=kv_start.device)
+    return (off[:, None] + m[None, :] * BLOCK + BLOCK - 1) // BLOCK
+
+
+def slash_diagonals(slash: torch.Tensor, q_len: int, kv_len: int, kv_start: torch.Tensor) -> torch.Tensor:
+    """Block diagonals that cover the slash offsets (query position - key position).
+
+    Args:
+        slash: [B, H, S] int64 offsets ``>= 0``; entries ``< 0`` are ignored.
+    Returns:
+        [B, H, N] bool diagonal mask. A slash at offset s, seen from a query block starting at local row p0, spans keys
+        ``p0 - s .. p0 + 63 - s``: at most two key blocks, whose distance to ``base(m)`` does not depend on m.
+    """
+    B, H, _ = slash.shape
+    n = cdiv(kv_len, BLOCK)
+    _, off = query_offsets(q_len, kv_len, kv_start)
+    r = (off % BLOCK)[:, None, None]
+    top = (r + BLOCK - 1) // BLOCK
+    near = top - torch.div(r + BLOCK - 1 - slash, BLOCK, rounding_mode="floor")
+    far = top - torch.div(r - slash, BLOCK, rounding_mode="floor")
+    out = torch.zeros(B, H, n + 2, dtype=torch.bool, device=slash.device)
+    valid = slash >= 0
+    for d in (near, far):
+        out.scatter_(2, torch.where(valid, d, n + 1).clamp(0, n + 1), True)
+    return out[..., :n]
+
+
+def sorted_valid(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the valid entries of ``values`` ascending to the front of the last dim. Returns (int32 values, int32 count)."""
+    big = torch.iinfo(torch.int32).max
+    keyed = torch.where(valid, values.long(), big)
+    out, _ = keyed.sort(dim=-1)
+    return torch.where(out == big, 0, out).int(), valid.sum(-1).int()
+
+
+def make_index(
+    q_len: int,
+    kv_len: int,
+    kv_start: torch.Tensor,
+    diag_mask: torch.Tensor,
+    cols: torch.Tensor,
+    blocks: torch.Tensor,
+) -> SparseIndex:
+    """Pack per-head choices into a :class:`SparseIndex`.
+
+    Args:
+        kv_start: [B] first valid key column per sample.
+        diag_mask: [B, H, N] bool block diagonals.
+        cols: [B, H, V] int64 local key columns, unsorted, ``-1`` for none.
+        blocks: [B, H, M, K] int64 key blocks per query block, unsorted, ``-1`` for none (K may be 0).
+    """
+    n = diag_mask.shape[-1]
+    d = torch.arange(n, device=diag_mask.device).expand_as(diag_mask)
+    diag_idx, diag_cnt = sorted_valid(d, diag_mask)
+    col_idx, col_cnt = sorted_valid(cols, cols >= 0)
+    _, off = query_offsets(q_len, kv_len, kv_start)
+    m = torch.arange(cdiv(q_len, BLOCK), device=cols.device)
+    last_row = off[:, None] + m[None, :] * BLOCK + BLOCK - 1  # [B, M]
+    B, H, _ = col_idx.shape
+    col_row_cnt = torch.searchsorted(
+        col_idx.long().contiguous(), last_row[:, None, :].expand(B, H, -1).contiguous(), right=True
+    )
+    col_row_cnt = torch.minimum(col_row_cnt, col_cnt[..., None].long()).int()
+    blk_idx, blk_cnt = sorted_valid(blocks, blocks >= 0)
+    return SparseIndex(
+        q_len=q_len,
+        kv_len=kv_len,
+        kv_start=kv_start.int(),
+        diag_mask=diag_mask,
+        diag_idx=diag_idx,
+        diag_cnt=diag_cnt,
+        col_idx=col_idx,
+        col_cnt=col_cnt,
+        col_row_cnt=col_row_cnt,
+        blk_idx=blk_idx,
+        blk_cnt=blk_cnt,
+    )
+
+
+def block_mask(index: SparseIndex, b: int) -> torch.Tensor:
+    """[H, M, N] bool: key blocks each query block of sample b computes as whole tiles (diagonals and block lists)."""
+    base = block_bases(index.q_len, index.kv_len, index.kv_start)[b]  # [M]
+    n = index.num_k_blocks
+    j = torch.arange(n, device=base.device)
+    d = base[:, None] - j[None, :]  # [M, N]
+    on = index.diag_mask[b][:, d.clamp(0, n - 1)] & (d >= 0)  # [H, M, N]
+    H, M, K = index.blk_idx[b].shape
+    if K:
+        valid = torch.arange(K, device=base.device) < index.blk_cnt[b][..., None]
+        hits = torch.zeros(H, M, n + 1, dtype=torch.bool, device=base.device)
+        hits.scatter_(2, torch.where(valid, index.blk_idx[b].long(), n), True)
+        on = on | hits[..., :n]
+    return on
+
+
+def col_mask(index: SparseIndex, b: int) -> torch.Tensor:
+    """[H, kv_len - kv_start[b]] bool: the single key columns of sample b (causality still applies per query)."""
+    length = index.kv_len - int(index.kv_start[b])
+    H, V = index.col_idx[b].shape
+    out = torch.zeros(H, length + 1, dtype=torch.bool, device=index.col_idx.device)
+    valid = torch.arange(V, device=out.device) < index.col_cnt[b][:, None]
+    out.scatter_(1, torch.where(valid, index.col_idx[b].long(), length).clamp(max=length), True)
+    return out[:, :length]
+
+
+def sample_mask(index: SparseIndex, b: int, rows: slice | None = None) -> torch.Tensor:
+    """[H, R, kv_len - kv_start[b]] bool mask of sample b over its valid query rows (or the given slice of them).
+
+    Rows are counted from the sample's first valid query; columns are local key positions.
+    """
+    q_start, off = query_offsets(index.q_len, index.kv_len, index.kv_start)
+    q_start, off = int(q_start[b]), int(off[b])
+    length = index.kv_len - int(index.kv_start[b])
+    rows = rows or slice(0, index.q_len - q_start)
+    r = torch.arange(index.q_len - q_start, device=index.diag_mask.device)[rows]
+    k = torch.arange(length, device=r.device)
+    blocks = block_mask(index, b)[:, r // BLOCK][..., k // BLOCK]  # [H, R, L]
+    causal = k[None, :] <= (off + r)[:, None]
+    return causal & (blocks | col_mask(index, b)[:, None, :])
+
+
+def token_mask(index: SparseIndex) -> torch.Tensor:
+    """[B, H, q_len, kv_len] bool: the explicit mask every backend must reproduce (tensor frame, False on padding)."""
+    B, H = index.diag_mask.shape[:2]
+    out = torch.zeros(B, H, index.q_len, index.kv_len, dtype=torch.bool, device=index.diag_mask.device)
+    q_start, _ = query_offsets(index.q_len, index.kv_len, index.kv_start)
+    for b in range(B):
+        out[b, :, int(q_start[b]) :, int(index.kv_start[b]) :] = sample_mask(index, b)
+    return out
+
+
+def tile_density(index: SparseIndex) -> torch.Tensor:
+    """[B, H] float: BLOCK×BLOCK tiles a kernel computes over the causal tiles of a dense causal kernel.
+
+    Whole blocks count one tile each; the single columns a query block still needs count one tile per BLOCK columns.
+    """
+    B, H = index.diag_mask.shape[:2]
+    out = torch.empty(B, H, device=index.diag_mask.device)
+    q_start, _ = query_offsets(index.q_len, index.kv_len, index.kv_start)
+    base = block_bases(index.q_len, index.kv_len, index.kv_start)
+    for b in range(B):
+        m_valid = cdiv(index.q_len - int(q_start[b]), BLOCK)
+        n_valid = cdiv(index.kv_len - int(index.kv_start[b]), BLOCK)
+        blocks = block_mask(index, b)[:, :m_valid, :n_valid]  # [H, M, N]
+        cols = index.col_idx[b].long()  # [H, V]
+        V = cols.shape[-1]
+        visible = torch.arange(V, device=cols.device) < index.col_row_cnt[b][:, :m_valid, None]  # [H, M, V]
+        covered = blocks.gather(2, (cols // BLOCK).clamp(max=n_valid - 1)[:, None, :].expand(-1, m_valid, -1))
+        extra = cdiv_tensor((visible & ~covered).sum(-1), BLOCK)  # [H, M]
+        causal_tiles = (base[b, :m_valid].clamp(max=n_valid - 1) + 1).sum()
+        out[b] = (blocks.sum((-1, -2)) + extra.sum(-1)).float() / causal_tiles.float()
+    return out
+
+
+def cdiv_tensor(a: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.div(a + b - 1, b, rounding_mode="floor")

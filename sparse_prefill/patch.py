@@ -1,0 +1,152 @@
+"""patch_model / unpatch_model: switch a transformers model to sparse prefill and back."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from importlib import resources
+from pathlib import Path
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention import ATTN_NAME, LAYERS, LayerRecord, LayerState, PatchState, sparse_prefill_attention
+from .config import ConfigError, HeadSpec, ModelInfo, SparseConfig, load_config
+from .patches import adapter_for
+
+BACKENDS = ("auto", "triton", "torch")
+
+# model -> (implementation it had before the first patch, its PatchState).
+_PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _register() -> None:
+    AttentionInterface.register(ATTN_NAME, sparse_prefill_attention)
+    # Without a mask function of its own name, transformers would build no padding mask for this implementation.
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def shipped_configs() -> list[Path]:
+    """The JSON configs installed with the package."""
+    return sorted(Path(str(p)) for p in resources.files("sparse_prefill.configs").iterdir() if p.name.endswith(".json"))
+
+
+def find_shipped_config(info: ModelInfo) -> SparseConfig | None:
+    """A shipped config made for a model of this type and shape (the one whose name matches, if several do)."""
+    matches = []
+    for path in shipped_configs():
+        config = load_config(path)
+        try:
+            config.check_model(info)
+        except ConfigError:
+            continue
+        matches.append(config)
+    named = [c for c in matches if _norm(c.model.name) in _norm(info.name) or _norm(info.name) in _norm(c.model.name)]
+    return (named or matches or [None])[0]
+
+
+def _norm(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def resolve_config(config, info: ModelInfo) -> SparseConfig:
+    """A SparseConfig from a path, a dict, a SparseConfig, or None (shipped config, else the default)."""
+    if config is None:
+        return find_shipped_config(info) or SparseConfig.uniform(info, "vertical_slash")
+    if isinstance(config, SparseConfig):
+        return config
+    if isinstance(config, dict):
+        return SparseConfig.from_dict(config)
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    raise TypeError(f"config: expected a path, dict, SparseConfig or None, got {type(config).__name__}")
+
+
+def patch_model(
+    model,
+    config: str | Path | dict | SparseConfig | None = None,
+    *,
+    min_seq_len: int | None = None,
+    backend: str = "auto",
+    force: bool = False,
+) -> SparseConfig:
+    """Make ``model``'s prefill attention sparse, per head, through transformers' attention interface.
+
+    Args:
+        model: a transformers causal LM of a supported type (``llama``, ``qwen2``).
+        config: a JSON path, a dict in the same schema, a :class:`SparseConfig`, or None: the shipped config made for
+            this model if there is one, else vertical-slash on every head at MInference's budgets
+            (1000 columns, 6096 diagonals, 64 estimation queries).
+        min_seq_len: prompts with fewer keys than this run dense. Defaults to the config's ``min_seq_len``
+            (8192 unless the config says otherwise); 0 forces the sparse path on any prefill.
+        backend: ``"auto"`` (Triton kernel on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        force: patch a model type without an adapter, assuming the Llama layout.
+    Returns:
+        The config in use.
+    Raises:
+        ConfigError: the config is invalid or made for another shape. UnsupportedModelError: unknown model type.
+        Either way the model is left as it was.
+
+    Decode steps (one query) always take the stock SDPA path. Patching again replaces the config; ``unpatch_model``
+    restores the implementation the model had before the first patch.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
+    if min_seq_len is not None and (isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int) or min_seq_len < 0):
+        raise ValueError(f"min_seq_len: must be an integer >= 0, got {min_seq_len!r}")
+    adapter = adapter_for(model, force)
+    info = adapter.model_info(model)
+    cfg = resolve_config(config, info)
+    cfg.check_model(info)
+    modules = adapter.attention_modules(model)
+    dense_layers = adapter.dense_layers(model)
+
+    _register()
+    previous = _PATCHED[model][0] if model in _PATCHED else model.config._attn_implementation
+    if model in _PATCHED:
+        _drop_layers(model)
+    state = PatchState(min_seq_len=cfg.min_seq_len if min_seq_len is None else min_seq_len, backend=backend)
+    dense = HeadSpec("dense")
+    for layer, module in enumerate(modules):
+        heads = [dense] * info.num_heads if layer in dense_layers else cfg.layers[layer]
+        LAYERS[module] = LayerState(layer, heads, state)
+    _PATCHED[model] = (previous, state, modules)
+    model.set_attn_implementation(ATTN_NAME)
+    return cfg
+
+
+def _drop_layers(model) -> None:
+    for module in _PATCHED[model][2]:
+        LAYERS.pop(module, None)
+
+
+def unpatch_model(model) -> None:
+    """Restore the attention implementation the model had before :func:`patch_model`. A no-op if not patched."""
+    if model not in _PATCHED:
+        return
+    previous = _PATCHED[model][0]
+    _drop_layers(model)
+    del _PATCHED[model]
+    model.set_attn_implementation(previous)
+
+
+def is_patched(model) -> bool:
+    return model in _PATCHED
+
+
+def last_report(model) -> list[LayerRecord]:
+    """Per layer, what its last prefill call did: path ("sparse" / "dense"), why, patterns and tile density."""
+    if model not in _PATCHED:
+        raise ValueError("model: not patched by sparse_prefill")
+    records = _PATCHED[model][1].records
+    return [records[i] for i in sorted(records)]
+
+
+def report_json(model) -> str:
+    """:func:`last_report` as JSON (densities per sample and head)."""
+    return json.dumps(
+        [
+            {"layer": r.layer, "path": r.path, "reason": r.reason, "patterns": r.patterns, "density": r.density}
+            for r in last_report(model)
+        ]
+    )
