@@ -20,9 +20,7 @@ class Adapter:
         c = model.config
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        quant = getattr(c, "quantization_config", None) or {}
-        gguf = quant.get("gguf_file") if isinstance(quant, dict) else None
-        name = Path(gguf).stem if gguf else Path(str(getattr(c, "_name_or_path", "") or "unnamed")).name
+        name = Path(str(getattr(c, "_name_or_path", "") or "unnamed")).name.removesuffix(".gguf")
         return ModelInfo(
             name=name,
             model_type=str(self.model_type),

@@ -51,14 +51,14 @@ def build_index(
         cols.append((a_heads, _prefix(B, sink, dev)))
         slash.append((a_heads, _prefix(B, local, dev)))
     if vs_heads := by_pattern.get("vertical_slash"):
-        vs_cols, vs_slash = _vertical_slash(q, k, [heads[h] for h in vs_heads], vs_heads, scale, starts)
+        vs_cols, vs_slash = vertical_slash_sets(q, k, [heads[h] for h in vs_heads], vs_heads, scale, starts)
         cols.append((vs_heads, vs_cols))
         slash.append((vs_heads, vs_slash))
     if slash:
         diag |= slash_diagonals(_scatter_heads(B, H, slash, dev), Sq, Sk, starts)
     blocks = torch.full((B, H, cdiv(Sq, BLOCK), 0), -1, dtype=torch.long, device=dev)
     if bs_heads := by_pattern.get("block_sparse"):
-        blocks = _block_sparse(q, k, [heads[h] for h in bs_heads], bs_heads, scale, kv_start)
+        blocks = block_sparse_sets(q, k, [heads[h] for h in bs_heads], bs_heads, scale, kv_start)
     return make_index(Sq, Sk, starts, diag, _scatter_heads(B, H, cols, dev), blocks)
 
 
@@ -126,7 +126,7 @@ def diagonal_sums(p: torch.Tensor) -> torch.Tensor:
     return skewed.sum(-2).flip(-1)
 
 
-def _vertical_slash(q, k, specs: list[HeadSpec], heads: list[int], scale: float, starts: torch.Tensor):
+def vertical_slash_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: float, starts: torch.Tensor):
     """Columns (local) and slash offsets of the vertical-slash heads: two [B, h, n] tensors, -1 = none."""
     Sk = k.shape[2]
     last_q = [s.params["last_q"] for s in specs]
@@ -160,7 +160,7 @@ def _mean_pool(x: torch.Tensor) -> torch.Tensor:
     return sums / counts[None, :, None]
 
 
-def _block_sparse(q, k, specs: list[HeadSpec], heads: list[int], scale: float, kv_start: list[int]) -> torch.Tensor:
+def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: float, kv_start: list[int]) -> torch.Tensor:
     """[B, H, M, K] key blocks of the block-sparse heads (other heads -1), in each sample's own block grid."""
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]

@@ -169,7 +169,7 @@ def block_mask(index: SparseIndex, b: int) -> torch.Tensor:
     n = index.num_k_blocks
     j = torch.arange(n, device=base.device)
     d = base[:, None] - j[None, :]  # [M, N]
-    on = index.diag_mask[b][:, d.clamp(0, n - 1)] & (d >= 0)  # [H, M, N]
+    on = index.diag_mask[b][:, d.clamp(0, n - 1)] & (d >= 0) & (d < n)  # [H, M, N]
     H, M, K = index.blk_idx[b].shape
     if K:
         valid = torch.arange(K, device=base.device) < index.blk_cnt[b][..., None]

@@ -34,4 +34,6 @@ def load_model(name: str = SMOLLM2, dtype: torch.dtype = torch.float32, device: 
             raise FileNotFoundError(f"--model: {name!r} is neither 'smollm2' nor a local model folder")
     tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra).to(device).eval()
+    if name == SMOLLM2:
+        model.config.name_or_path = str(folder / SMOLLM2_GGUF)  # names the model, not the package folder
     return model, tokenizer

@@ -1,0 +1,459 @@
+"""Offline per-head pattern calibration: pick each head's cheapest sparse pattern that keeps its attention.
+
+    sparse-prefill-calibrate --model smollm2 --lengths 2k,4k --samples 4 --recall 0.95 --budget 0.45
+
+1. Prompts are built in code (deterministic under ``--seed``): passkey, key-value retrieval and multi-needle prompts,
+   and raw windows of natural English (CPython's own reference manual, ``pydoc_data.topics``; no download).
+2. One dense prefill per prompt captures every layer's post-RoPE q/k through transformers' attention interface.
+3. For every layer, each candidate (A-shape, vertical-slash and block-sparse at several budgets, and dense) is built
+   for all heads at once with :func:`~sparse_prefill.estimate.build_index`, and scored per head by
+   * attention recall: the share of the true softmax mass inside the candidate's mask
+     (:func:`~sparse_prefill.index.sample_mask`, the kernels' exact key set), averaged over query rows sampled
+     uniformly over the prompt and, separately, over its last rows; the worse of the two counts;
+   * kernel cost: :func:`~sparse_prefill.index.tile_density` (computed 64×64 tiles over causal tiles).
+4. Each head gets the cheapest candidate whose recall reaches ``--recall`` on every sample (dense if none does).
+   With ``--budget``, density left under that mean is then spent where it buys the most recall: the recall lost over
+   all heads is minimised under the budget (Lagrangian over each head's candidates).
+
+Budgets are fractions of the key length, so a config calibrated at 2K-4K scales to other lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .config import PATTERN_DEFAULTS, HeadSpec, ModelInfo, SparseConfig
+from .estimate import build_index
+from .index import BLOCK, SparseIndex, block_mask, tile_density
+from .prompts import passkey_prompt
+
+KINDS = ("natural", "multi_needle", "passkey", "kv_retrieval")
+CAPTURE = "sp_capture"
+UNIFORM_ROWS = 256  # query rows sampled over the whole prompt
+LAST_ROWS = 128  # the prompt's last rows, the ones the next tokens are read from
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _spec(pattern: str, **params) -> HeadSpec:
+    return HeadSpec(pattern, {**PATTERN_DEFAULTS[pattern], **params})
+
+
+# Cheap, static patterns first: on equal density the first candidate wins.
+CANDIDATES: list[HeadSpec] = (
+    [_spec("a_shape", sink=64, local=f) for f in (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4)]
+    + [_spec("block_sparse", top_k=f) for f in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    # Slash budgets >= 0.05 keep the forced local diagonals (100) within budget from 2K keys on.
+    + [_spec("vertical_slash", vertical=v, slash=s) for v, s in ((0.02, 0.05), (0.05, 0.05), (0.05, 0.1), (0.05, 0.2), (0.1, 0.1), (0.1, 0.3))]
+    + [_spec("dense")]
+)
+
+
+# --- calibration text and prompts ---------------------------------------------------------------------------------
+
+
+def natural_text(split: str = "calibration") -> str:
+    """English prose from the Python reference manual that CPython ships (``pydoc_data.topics``, ~465 KB).
+
+    Every fourth topic (in sorted order) is held out for checks, the rest is calibration text, so a check never
+    measures on text the calibration saw.
+    """
+    from pydoc_data.topics import topics
+
+    if split not in ("calibration", "heldout"):
+        raise ValueError(f"split: must be 'calibration' or 'heldout', got {split!r}")
+    held = split == "heldout"
+    return "\n\n".join(topics[k] for i, k in enumerate(sorted(topics)) if (i % 4 == 3) == held)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _window(ids: list[int], n: int, rng: random.Random) -> list[int]:
+    """n consecutive tokens from a random offset (the text repeats if it is shorter)."""
+    ids = ids * math.ceil((n + 1) / len(ids))
+    start = rng.randrange(len(ids) - n)
+    return ids[start : start + n]
+
+
+def _chat(tokenizer, body: list[int], question: str, answer: str, n_tokens: int) -> list[int]:
+    """A chat prompt of exactly n_tokens: template head, body (trimmed to fit), question, assistant start, answer."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "\0"}], tokenize=False, add_generation_prompt=True)
+    head, tail = text.split("\0")
+    pre, post = _encode(tokenizer, head), _encode(tokenizer, "\n" + question + tail + answer)
+    return pre + body[: n_tokens - len(pre) - len(post)] + post
+
+
+def natural_prompt(text_ids: list[int], n_tokens: int, rng: random.Random) -> list[int]:
+    """A raw window of text, as a language model reads a long document."""
+    return _window(text_ids, n_tokens, rng)
+
+
+def kv_prompt(tokenizer, n_tokens: int, rng: random.Random) -> list[int]:
+    """Key-value retrieval: a JSON object of random hex keys and values, then a question about one key."""
+    lines, total = [], 0
+    while total < n_tokens:
+        pair = (f"{rng.getrandbits(32):08x}-{rng.getrandbits(16):04x}", f"{rng.getrandbits(32):08x}-{rng.getrandbits(16):04x}")
+        lines.append((pair, _encode(tokenizer, f'  "{pair[0]}": "{pair[1]}",\n')))
+        total += len(lines[-1][1])
+    body = [t for _, ids in lines for t in ids]
+    # Ask about a pair that survives trimming (the body loses at most its last ~100 tokens).
+    key = lines[rng.randrange(max(1, len(lines) - 8))][0][0]
+    question = f'Extract the value corresponding to the key "{key}" from the JSON object above.'
+    return _chat(tokenizer, _encode(tokenizer, "{\n") + body, question, f'The value of "{key}" is "', n_tokens)
+
+
+def multi_needle_prompt(tokenizer, text_ids: list[int], n_tokens: int, rng: random.Random, needles: int = 4) -> list[int]:
+    """Several 'special magic number' sentences hidden at random depths of natural text, then a question for all."""
+    names = rng.sample(["Paris", "Lima", "Oslo", "Cairo", "Kyoto", "Quito", "Dakar", "Perth", "Sofia", "Hanoi"], needles)
+    body = _window(text_ids, n_tokens, rng)
+    for name, at in zip(names, sorted(rng.sample(range(n_tokens - 200), needles), reverse=True)):
+        body[at:at] = _encode(tokenizer, f" The special magic number for {name} is {rng.randint(100000, 999999)}. ")
+    question = f"What are the special magic numbers for {', '.join(names)}?"
+    return _chat(tokenizer, body, question, "The special magic numbers are", n_tokens)
+
+
+@dataclass
+class Prompt:
+    kind: str
+    ids: list[int]
+
+
+def calibration_prompts(tokenizer, lengths: list[int], samples: int, seed: int, text: str | None = None) -> list[Prompt]:
+    """``samples`` prompts per length; the kinds (:data:`KINDS`) take turns across all prompts."""
+    text_ids = _encode(tokenizer, text if text is not None else natural_text("calibration"))
+    out = []
+    for n in lengths:
+        for i in range(samples):
+            kind = KINDS[len(out) % len(KINDS)]
+            rng = random.Random(f"{seed}/{n}/{i}")
+            if kind == "natural":
+                ids = natural_prompt(text_ids, n, rng)
+            elif kind == "passkey":
+                prompt, _ = passkey_prompt(tokenizer, n, depth=rng.random(), seed=rng.randrange(1 << 30))
+                ids = _encode(tokenizer, prompt)
+            elif kind == "kv_retrieval":
+                ids = kv_prompt(tokenizer, n, rng)
+            else:
+                ids = multi_needle_prompt(tokenizer, text_ids, n, rng)
+            out.append(Prompt(kind, ids))
+    return out
+
+
+# --- q/k capture ------------------------------------------------------------------------------------------------
+
+_captured: dict[int, tuple[torch.Tensor, torch.Tensor, float]] | None = None
+
+
+def _capture_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers attention function: record (q, k, scale) of the layer, then run stock SDPA."""
+    if _captured is not None:
+        _captured[module.layer_idx] = (query.detach(), key.detach(), scaling or query.shape[-1] ** -0.5)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+@contextlib.contextmanager
+def capturing(model):
+    """Within the block, every dense forward of ``model`` fills the yielded dict: layer -> (q, k, scale), with
+    q [B, Hq, S, D] and k [B, Hkv, S, D] post-RoPE. The model's previous attention implementation is restored after."""
+    global _captured
+    AttentionInterface.register(CAPTURE, _capture_attention)
+    AttentionMaskInterface.register(CAPTURE, sdpa_mask)
+    previous = model.config._attn_implementation
+    _captured = {}
+    model.set_attn_implementation(CAPTURE)
+    try:
+        yield _captured
+    finally:
+        _captured = None
+        model.set_attn_implementation(previous)
+
+
+# --- scoring ----------------------------------------------------------------------------------------------------
+
+
+def candidate_index(q: torch.Tensor, k: torch.Tensor, scale: float, candidates: list[HeadSpec]) -> SparseIndex:
+    """One index for every candidate on every head of a layer: index head ``c * Hq + h`` is candidate c on head h.
+
+    q [1, Hq, S, D] and k [1, Hkv, S, D] are tiled once per candidate, so one :func:`build_index` call estimates them all.
+    """
+    C, H = len(candidates), q.shape[1]
+    heads = [spec for spec in candidates for _ in range(H)]
+    return build_index(q.repeat(1, C, 1, 1), k.repeat(1, C, 1, 1), heads, scale, [0])
+
+
+def recall(q: torch.Tensor, k: torch.Tensor, index: SparseIndex, scale: float, rows: slice, chunk: int = 256):
+    """Mean softmax mass the index keeps over the given query rows: [index heads] fp32.
+
+    Args:
+        q: [1, Hq, S, D]; k: [1, Hkv, S, D] (one unpadded sample, queries at the keys' positions).
+        index: an index of this q/k whose head i is scored on query head ``i % Hq`` (e.g. :func:`candidate_index`).
+        rows: the query rows to average over (any slice of range(S)).
+        chunk: rows per step; buffers are Hq × chunk × S, never S × S.
+
+    The kernels' key set (:func:`~sparse_prefill.index.sample_mask`) is causal & (whole blocks | single columns); the
+    softmax is already causal, so the kept mass is the key-block sums of the blocks that are on plus the columns
+    outside them. That is exact, and costs O(chunk × (blocks + columns)) per index head instead of chunk × S.
+    """
+    H, S = q.shape[1], q.shape[2]
+    G = index.diag_mask.shape[1] // H
+    n = index.num_k_blocks
+    kk = k[0].float().repeat_interleave(H // k.shape[1], dim=0)  # [Hq, S, D]
+    blocks = block_mask(index, 0)  # [G*Hq, M, N]
+    cols = index.col_idx[0].long()  # [G*Hq, V]
+    V = cols.shape[-1]
+    col_valid = torch.arange(V, device=q.device) < index.col_cnt[0][:, None].long()
+    picked = range(S)[rows]
+    keys = torch.arange(S, device=q.device)
+    total = torch.zeros(G * H, device=q.device)
+    for i in range(0, len(picked), chunk):
+        part = picked[i : i + chunk]
+        r = keys[part.start : part.stop : part.step]
+        R = len(r)
+        logits = (q[0, :, r].float() @ kk.transpose(-1, -2)) * scale  # [Hq, R, S]
+        p = torch.softmax(logits.masked_fill_(keys[None, :] > r[:, None], float("-inf")), dim=-1)
+        pooled = F.pad(p, (0, n * BLOCK - S)).view(H, R, n, BLOCK).sum(-1)  # [Hq, R, N]
+        on = blocks[:, r // BLOCK]  # [G*Hq, R, N]
+        total += (on.view(G, H, R, n) * pooled).sum((-1, -2)).flatten()
+        if V:
+            at = cols.view(G, H, 1, V).expand(-1, -1, R, -1)
+            p_cols = p.expand(G, -1, -1, -1).gather(-1, at).flatten(0, 1)  # [G*Hq, R, V]
+            outside = ~on.gather(-1, (cols // BLOCK)[:, None, :].expand(-1, R, -1)) & col_valid[:, None, :]
+            total += (p_cols * outside).sum((-1, -2))
+    return total / len(picked)
+
+
+def score_layer(q, k, scale: float, candidates: list[HeadSpec], rows: list[slice]):
+    """Recall and density of every candidate on every head of one layer.
+
+    Returns:
+        recall [C, Hq]: the worst, over the row groups ``rows``, of the mean recall; density [C, Hq].
+    """
+    C, H = len(candidates), q.shape[1]
+    index = candidate_index(q, k, scale, candidates)
+    rec = torch.stack([recall(q, k, index, scale, r) for r in rows]).amin(0)
+    return rec.view(C, H), tile_density(index)[0].view(C, H)
+
+
+def row_groups(seq_len: int, rng: random.Random) -> list[slice]:
+    """Uniform rows (odd stride, random phase, so every in-block offset is seen) and the last rows."""
+    stride = max(1, seq_len // UNIFORM_ROWS) | 1
+    return [slice(rng.randrange(stride), seq_len, stride), slice(max(0, seq_len - LAST_ROWS), seq_len)]
+
+
+def select(recall: torch.Tensor, density: torch.Tensor, candidates: list[HeadSpec], target: float, budget=None):
+    """Pick one candidate per head.
+
+    Args:
+        recall, density: [N samples, L, C, H] per sample, layer, candidate and head.
+        target: recall every head must reach on every sample (dense reaches 1).
+        budget: mean density to spend; density left under it goes where it removes the most lost recall.
+    Returns:
+        [L, H] candidate indices.
+    """
+    worst, cost = recall.amin(0), density.mean(0)  # [L, C, H]
+    dense = [c.pattern for c in candidates].index("dense")
+    ok = worst >= target
+    ok[:, dense] = True
+    floor = cost.masked_fill(~ok, math.inf).argmin(1)  # the first of equally cheap ones
+    if budget is None or _mean_cost(cost, floor) >= budget:
+        return floor
+    # Minimise lost recall + lam * density per head; a smaller lam buys more recall. Bisect lam onto the budget.
+    lost = (1 - worst).masked_fill(~ok, math.inf)
+    pick = lambda lam: (lost + (lam + 1e-9) * cost).argmin(1)  # noqa: E731  (the 1e-9 breaks ties to the cheapest)
+    lo, hi = 0.0, 1.0
+    while _mean_cost(cost, pick(hi)) > budget:
+        hi *= 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if _mean_cost(cost, pick(mid)) <= budget else (mid, hi)
+    return pick(hi)
+
+
+def _mean_cost(cost: torch.Tensor, choice: torch.Tensor) -> float:
+    return float(cost.gather(1, choice[:, None]).mean())
+
+
+# --- calibration ------------------------------------------------------------------------------------------------
+
+
+def measure(model, prompts: list[Prompt], candidates: list[HeadSpec], seed: int, progress: bool = True):
+    """Dense prefill of each prompt, then every candidate on every head. Returns recall, density [N, L, C, H]."""
+    rec, dens = [], []
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(prompts) * model.config.num_hidden_layers, desc="calibrating", disable=not progress)
+    for i, prompt in enumerate(prompts):
+        bar.set_postfix(sample=f"{prompt.kind}/{len(prompt.ids)}")
+        with capturing(model) as layers, torch.no_grad():
+            model(torch.tensor([prompt.ids], device=device), logits_to_keep=1)
+        rows = row_groups(len(prompt.ids), random.Random(f"{seed}/rows/{i}"))
+        per_layer = []
+        for layer in sorted(layers):
+            q, k, scale = layers.pop(layer)  # free each layer's q/k once scored
+            per_layer.append(score_layer(q, k, scale, candidates, rows))
+            bar.update()
+        rec.append(torch.stack([r for r, _ in per_layer]))
+        dens.append(torch.stack([d for _, d in per_layer]))
+    bar.close()
+    return torch.stack(rec).cpu(), torch.stack(dens).cpu()
+
+
+def build_config(info: ModelInfo, choice, recall, density, candidates, min_seq_len: int, provenance: dict):
+    """The SparseConfig of the chosen candidates, with per-head achieved recall (worst sample) and density (mean)."""
+    pick = lambda t: t.gather(2, choice[None, :, None, :].expand(t.shape[0], -1, 1, -1))[:, :, 0]  # noqa: E731
+    provenance = {
+        **provenance,
+        "recall": [[round(x, 4) for x in row] for row in pick(recall).amin(0).tolist()],
+        "density": [[round(x, 4) for x in row] for row in pick(density).mean(0).tolist()],
+    }
+    layers = [[candidates[c].to_dict() for c in row] for row in choice.tolist()]
+    return SparseConfig.from_dict(
+        {"format": "sparse_prefill/1", "model": vars(info), "min_seq_len": min_seq_len, "layers": layers,
+         "provenance": provenance}
+    )
+
+
+def summary(config: SparseConfig) -> str:
+    """Per layer: pattern counts, mean density, min recall; then the totals."""
+    short = {"dense": "D", "a_shape": "A", "vertical_slash": "VS", "block_sparse": "BS"}
+    rec, dens = config.provenance["recall"], config.provenance["density"]
+    lines = [f"{'layer':>5}  {'patterns':<24} {'density':>7} {'min recall':>10}"]
+    for li, heads in enumerate(config.layers):
+        counts = " ".join(f"{short[p]}:{sum(h.pattern == p for h in heads)}" for p in short)
+        lines.append(f"{li:>5}  {counts:<24} {sum(dens[li]) / len(heads):>7.3f} {min(rec[li]):>10.4f}")
+    flat = [d for row in dens for d in row]
+    mix = ", ".join(f"{p} {sum(h.pattern == p for row in config.layers for h in row)}" for p in short)
+    lines.append(f"total  {mix}; mean density {sum(flat) / len(flat):.3f}; min recall {min(map(min, rec)):.4f}")
+    return "\n".join(lines)
+
+
+def calibrate(
+    model,
+    tokenizer,
+    info: ModelInfo,
+    lengths: list[int],
+    samples: int = 4,
+    seed: int = 0,
+    target: float = 0.95,
+    budget: float | None = None,
+    text: str | None = None,
+    min_seq_len: int = 1024,
+    candidates: list[HeadSpec] = CANDIDATES,
+    progress: bool = True,
+) -> SparseConfig:
+    """Calibrate a per-head config for ``model`` (see the module docstring)."""
+    from . import __version__
+
+    start = time.time()
+    prompts = calibration_prompts(tokenizer, lengths, samples, seed, text)
+    rec, dens = measure(model, prompts, candidates, seed, progress)
+    choice = select(rec, dens, candidates, target, budget)
+    provenance = {
+        "tool": "sparse_prefill.calibrate",
+        "version": __version__,
+        "date": datetime.date.today().isoformat(),
+        "model": info.name,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "lengths": lengths,
+        "samples": [{"kind": p.kind, "tokens": len(p.ids)} for p in prompts],
+        "seed": seed,
+        "text": "pydoc_data.topics (calibration split)" if text is None else "user text",
+        "recall_target": target,
+        "budget": budget,
+        "rows": {"uniform": UNIFORM_ROWS, "last": LAST_ROWS},
+        "budget_rule": "fractions of the key length",
+        "seconds": round(time.time() - start),
+    }
+    return build_config(info, choice, rec, dens, candidates, min_seq_len, provenance)
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+
+def parse_lengths(value: str) -> list[int]:
+    """'2k,4k,6000' -> [2048, 4096, 6000]."""
+    out = []
+    for part in value.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", part)
+        if not m or (n := int(m[1]) * (1024 if m[2] else 1)) < 256:
+            raise argparse.ArgumentTypeError(f"bad length {part!r}: expected a token count >= 256 like 4096 or 4k")
+        out.append(n)
+    return out
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {value!r}")
+    return x
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparse-prefill-calibrate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2", help="'smollm2' (the embedded default) or a local model folder")
+    p.add_argument("--out", help="config to write (default: configs/<model name>.json)")
+    p.add_argument("--lengths", type=parse_lengths, default=[2048, 4096], help="prompt lengths, e.g. 2k,4k")
+    p.add_argument("--samples", type=_positive, default=4, help="prompts per length (kinds in turn)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recall", type=_fraction, default=0.95, help="recall every head must reach, in (0, 1]")
+    p.add_argument("--budget", type=_fraction, help="mean tile density to spend on more recall, in (0, 1]")
+    p.add_argument("--min-seq-len", type=int, default=1024, help="prompts shorter than this stay dense")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--text", type=Path, help="a long natural-text file (default: built-in English text)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import save_config
+    from .models import SMOLLM2, SMOLLM2_GGUF, load_model
+    from .patches import adapter_for
+
+    p = parser()
+    args = p.parse_args(argv)
+    if args.text is not None and not args.text.is_file():
+        p.error(f"--text: {args.text} is not a file")
+    if args.min_seq_len < 0:
+        p.error("--min-seq-len: must be >= 0")
+    try:
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        p.error(f"--model: cannot load {args.model!r}: {e}")
+    info = adapter_for(model, force=True).model_info(model)
+    if args.model == SMOLLM2:
+        info = ModelInfo(**{**vars(info), "name": SMOLLM2_GGUF.split(".")[0]})
+    out = Path(args.out or f"configs/{info.name.lower()}.json")
+    config = calibrate(
+        model, tokenizer, info, args.lengths, args.samples, args.seed, args.recall, args.budget,
+        args.text.read_text() if args.text else None, args.min_seq_len,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_config(config, out)
+    print(summary(config))
+    print(f"wrote {out} ({config.provenance['seconds']} s)", file=sys.stderr)
+    return 0

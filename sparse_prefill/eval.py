@@ -1,0 +1,566 @@
+"""sparse-prefill-eval: a patched model against itself dense, on the same long prompts.
+
+For every prompt of :mod:`sparse_prefill.tasks` the model runs twice, dense and patched:
+
+* accuracy: greedy answer scored against the gold answers (:func:`sparse_prefill.tasks.score`);
+* fidelity: patched next-token top-1 agreement and KL(dense || patched) over the dense answer (teacher-forced), and
+  the relative L2 error of each layer's attention output on the prompt;
+* latency and density: prefill (time to first token) of each, and the tile density each layer achieved.
+
+Outputs (``--out``): results.json, summary.md, needle_grid.png, patterns.png; written to a temporary folder and moved in
+at the end. Bad arguments exit with code 2 before anything is written.
+
+    sparse-prefill-eval --lengths 1k,2k,4k --depths 0,0.5,1 --samples 1 --out eval-results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import PATTERN_DEFAULTS, ConfigError, SparseConfig
+from .models import SMOLLM2, load_model
+from .patch import find_shipped_config, last_report, patch_model, unpatch_model
+from .patches import UnsupportedModelError, adapter_for
+from .tasks import TASKS, Haystack, Sample, make_samples, score
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALIASES = {"vs": "vertical_slash", "a": "a_shape", "block": "block_sparse"}
+MIN_LENGTH = 256  # room for the instructions of every task
+
+
+# --------------------------------------------------------------------------------------------------- model runs
+
+
+@dataclass
+class Prefill:
+    seconds: float
+    logits: torch.Tensor  # [B, V] float32: next-token logits after the prompt
+    cache: object  # the prompt's KV cache
+    attn: list[torch.Tensor]  # per layer [B, S, hidden]: attention output (after o_proj)
+
+
+def prefill(model, modules, ids: torch.Tensor, mask: torch.Tensor) -> Prefill:
+    """One timed forward of the prompt into a fresh cache, capturing each layer's attention output.
+
+    Args:
+        modules: the attention module of each layer (hooked for the call only).
+        ids, mask: [B, S] left-padded prompt tokens and their attention mask (1 = token).
+    """
+    attn: list = [None] * len(modules)
+
+    def keep(i):
+        return lambda module, args, output: attn.__setitem__(i, output[0])
+
+    hooks = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
+    try:
+        _sync(ids.device)
+        start = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        _sync(ids.device)
+        seconds = time.perf_counter() - start
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return Prefill(seconds, out.logits[:, -1].float(), out.past_key_values, attn)
+
+
+def decode(model, cache, mask: torch.Tensor, logits: torch.Tensor, steps: int, eos: torch.Tensor,
+           forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding from a prefilled cache (extended in place), or teacher-forced on ``forced`` tokens.
+
+    Args:
+        mask: [B, S] the prompt's attention mask. logits: [B, V] next-token logits after the prompt.
+        steps: most tokens. eos: 1-D token ids that end a row.
+        forced: [B, >= steps] tokens to feed instead of the argmax.
+    Returns:
+        tokens [B, T] and logits [B, T, V] float32 (``logits[:, t]`` predicted ``tokens[:, t]``); T <= steps, cut
+        once every row has ended.
+    """
+    pos = mask.sum(-1, keepdim=True)
+    tokens, all_logits = [], [logits]
+    done = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
+    for t in range(steps):
+        token = forced[:, t] if forced is not None else all_logits[-1].argmax(-1)
+        tokens.append(token)
+        done |= torch.isin(token, eos)
+        if t + 1 == steps or done.all():
+            break
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos + t, past_key_values=cache,
+                    use_cache=True)
+        all_logits.append(out.logits[:, -1].float())
+    return torch.stack(tokens, 1), torch.stack(all_logits, 1)
+
+
+def evaluate(model, tokenizer, config: SparseConfig, samples: list[Sample], *, min_seq_len: int = 0,
+             batch_size: int = 1, progress: bool = True) -> list[dict]:
+    """Run every sample dense and patched; one record per sample, in order.
+
+    Args:
+        model, tokenizer: a loaded causal LM (unpatched; left unpatched) and its tokenizer.
+        config: the sparse config to patch with. min_seq_len: passed to :func:`patch_model`.
+        samples: prompts from :func:`sparse_prefill.tasks.make_samples`; batches hold one task and length.
+    Returns:
+        Records with the sample fields, per mode ``prediction``, ``score``, ``prefill_s`` (of the sample's batch),
+        and ``top1``, ``kl``, ``attn_rel_err`` [layer], ``density`` [layer][head], ``sparse_layers``.
+    """
+    modules = adapter_for(model).attention_modules(model)
+    eos = _eos_ids(model, tokenizer)
+    unpatch_model(model)
+    batches = []
+    for s in samples:
+        if batches and len(batches[-1]) < batch_size and (batches[-1][0].task, batches[-1][0].length) == (s.task, s.length):
+            batches[-1].append(s)
+        else:
+            batches.append([s])
+    records = []
+    with torch.inference_mode():
+        _warm_up(model, config, min_seq_len, tokenizer, batches[0], modules)
+        bar = tqdm(batches, desc="eval", unit="batch", disable=not progress)
+        for batch in bar:
+            bar.set_postfix(task=batch[0].task, length=batch[0].length)
+            records += _run_batch(model, tokenizer, config, min_seq_len, modules, eos, batch)
+    return records
+
+
+def _run_batch(model, tokenizer, config, min_seq_len, modules, eos, batch: list[Sample]) -> list[dict]:
+    ids, mask = _encode(tokenizer, [s.prompt for s in batch], model.device)
+    steps = TASKS[batch[0].task].max_new_tokens
+    dense = prefill(model, modules, ids, mask)
+    d_tokens, d_logits = decode(model, dense.cache, mask, dense.logits, steps, eos)
+    dense.cache = None  # free it before the patched run allocates its own
+    patch_model(model, config, min_seq_len=min_seq_len)
+    try:
+        sparse = prefill(model, modules, ids, mask)
+        report = [(r.path, r.density) for r in last_report(model)]  # read before the next prefill replaces it
+        _, f_logits = decode(model, sparse.cache, mask, sparse.logits, d_tokens.shape[1], eos, forced=d_tokens)
+        # Back to the prompt: decode steps run dense either way, so this equals a fresh patched prefill.
+        sparse.cache.crop(-(sparse.cache.get_seq_length() - ids.shape[1]))
+        p_tokens, _ = decode(model, sparse.cache, mask, sparse.logits, steps, eos)
+    finally:
+        unpatch_model(model)
+    heads = len(config.layers[0])
+    records = []
+    for b, sample in enumerate(batch):
+        n = _answer_len(d_tokens[b], eos)
+        d_log, f_log = F.log_softmax(d_logits[b, :n], -1), F.log_softmax(f_logits[b, :n], -1)
+        valid = mask[b].bool()
+        err = [float((p[b][valid] - d[b][valid]).float().norm() / d[b][valid].float().norm().clamp_min(1e-12))
+               for p, d in zip(sparse.attn, dense.attn)]
+        predictions = {"dense": _text(tokenizer, d_tokens[b], eos), "patched": _text(tokenizer, p_tokens[b], eos)}
+        records.append({
+            "task": sample.task, "length": sample.length, "depth": sample.depth, "tokens": int(valid.sum()),
+            "answers": sample.answers,
+            **{mode: {"prediction": text, "score": score(text, sample.answers),
+                      "prefill_s": round((dense if mode == "dense" else sparse).seconds, 4)}
+               for mode, text in predictions.items()},
+            "top1": float((f_log.argmax(-1) == d_tokens[b, :n]).float().mean()),
+            "kl": float((d_log.exp() * (d_log - f_log)).sum(-1).mean()),
+            "attn_rel_err": [round(e, 6) for e in err],
+            "density": [[round(x, 4) for x in (dens[b] if dens else [1.0] * heads)] for _, dens in report],
+            "sparse_layers": sum(path == "sparse" for path, _ in report),
+        })
+    return records
+
+
+def _warm_up(model, config, min_seq_len, tokenizer, batch, modules) -> None:
+    """One short prefill per mode, so first-call costs stay out of the timings."""
+    ids, mask = _encode(tokenizer, [batch[0].prompt], model.device)
+    ids, mask = ids[:, -1024:], mask[:, -1024:]
+    prefill(model, modules, ids, mask)
+    patch_model(model, config, min_seq_len=min_seq_len)
+    try:
+        prefill(model, modules, ids, mask)
+    finally:
+        unpatch_model(model)
+
+
+def _encode(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask. The pad id is 0: masked, so any id does (and the tokenizer needs no pad token)."""
+    rows = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]  # the chat template has the specials
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def _eos_ids(model, tokenizer) -> torch.Tensor:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids |= set(extra) if isinstance(extra, list) else {extra}
+    return torch.tensor(sorted(i for i in ids if i is not None), device=model.device, dtype=torch.long)
+
+
+def _answer_len(tokens: torch.Tensor, eos: torch.Tensor) -> int:
+    """Tokens up to and including the first end token."""
+    ends = torch.isin(tokens, eos).nonzero()
+    return int(ends[0]) + 1 if len(ends) else len(tokens)
+
+
+def _text(tokenizer, tokens: torch.Tensor, eos: torch.Tensor) -> str:
+    return tokenizer.decode(tokens[: _answer_len(tokens, eos)].tolist(), skip_special_tokens=True).strip()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------- summary
+
+
+def summarize(records: list[dict], lengths: list[int], depths: list[float]) -> dict:
+    """Aggregates: accuracy per task and length, the needle grid, and per length fidelity, latency and density."""
+
+    def mean(xs):
+        xs = list(xs)
+        return round(statistics.fmean(xs), 6) if xs else None
+
+    def at(**kw):
+        return [r for r in records if all(r[k] == v for k, v in kw.items())]
+
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    accuracy = {
+        task: {str(n): {"dense": mean(r["dense"]["score"] for r in at(task=task, length=n)),
+                        "patched": mean(r["patched"]["score"] for r in at(task=task, length=n)),
+                        "n": len(at(task=task, length=n))} for n in lengths}
+        for task in tasks
+    }
+    grid = None
+    if "niah" in tasks:
+        grid = {"depths": depths, "lengths": lengths, **{
+            mode: [[mean(r[mode]["score"] for r in at(task="niah", length=n, depth=d)) for n in lengths] for d in depths]
+            for mode in ("dense", "patched")}}
+    per_length = {}
+    for n in lengths:
+        rs = at(length=n)
+        layers = range(len(rs[0]["density"]))
+        dense_s = statistics.median(r["dense"]["prefill_s"] for r in rs)
+        patched_s = statistics.median(r["patched"]["prefill_s"] for r in rs)
+        per_length[str(n)] = {
+            "samples": len(rs),
+            "top1": mean(r["top1"] for r in rs),
+            "kl": mean(r["kl"] for r in rs),
+            "attn_rel_err": mean(e for r in rs for e in r["attn_rel_err"]),
+            "prefill_dense_s": round(dense_s, 4),
+            "prefill_patched_s": round(patched_s, 4),
+            "speedup": round(dense_s / patched_s, 3),
+            "density": mean(x for r in rs for layer in r["density"] for x in layer),
+            "layer_density": [mean(x for r in rs for x in r["density"][i]) for i in layers],
+            "layer_attn_rel_err": [mean(r["attn_rel_err"][i] for r in rs) for i in layers],
+        }
+    longest = at(length=max(lengths))
+    head_density = [[mean(r["density"][i][h] for r in longest) for h in range(len(longest[0]["density"][i]))]
+                    for i in range(len(longest[0]["density"]))]
+    return {"accuracy": accuracy, "needle_grid": grid, "per_length": per_length, "head_density": head_density,
+            "head_density_length": max(lengths)}
+
+
+def summary_markdown(results: dict) -> str:
+    """summary.md: the run's settings and markdown tables of :func:`summarize`'s aggregates."""
+    meta, s = results["meta"], results["summary"]
+    lengths = meta["lengths"]
+    cols = [_k(n) for n in lengths]
+    cfg = meta["config"]
+    lines = [
+        f"# sparse_prefill evaluation: {meta['model']}",
+        "",
+        f"- model: `{meta['model']}` ({_shape(meta['model_info'])})",
+        f"- config: {cfg['source']}; made for `{cfg['made_for']}`; patterns: {cfg['patterns']}; "
+        f"provenance: `{json.dumps(cfg['provenance'])}`",
+        f"- min_seq_len: {meta['min_seq_len']} (prompts with fewer keys run dense)",
+        f"- tasks: {', '.join(meta['tasks'])}; lengths: {', '.join(cols)}; needle depths: {meta['depths']}; "
+        f"samples: {meta['samples']} per needle cell / per task and length; seed {meta['seed']}; "
+        f"haystack: {meta['haystack']}",
+        f"- {meta['device']} {meta['dtype']}, {meta['threads']} torch threads, batch size {meta['batch_size']}; "
+        f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}",
+        "",
+        "## Accuracy (dense / patched)",
+        "",
+        *_table(["task", *cols], [[task, *(_pair(row[str(n)]) for n in lengths)] for task, row in s["accuracy"].items()]),
+    ]
+    if s["needle_grid"]:
+        grid = s["needle_grid"]
+        lines += ["", "## Needle in a haystack (dense / patched), depth × length", "", *_table(
+            ["depth", *cols],
+            [[f"{d:g}", *(_pair({m: grid[m][i][j] for m in ("dense", "patched")}) for j in range(len(lengths)))]
+             for i, d in enumerate(grid["depths"])])]
+    per = s["per_length"]
+    lines += [
+        "", "## Fidelity, prefill latency and density", "",
+        "Top-1 agreement and KL(dense ‖ patched) over the dense answer (teacher-forced); attention error: relative L2 "
+        "of each layer's attention output, mean over layers (worst layer); prefill: median seconds of one forward of "
+        "the prompt (time to first token), warm-up excluded; density: computed tiles over causal tiles.",
+        "",
+        *_table(["length", "samples", "top-1", "KL (nats)", "attn rel. err (worst layer)", "prefill dense s",
+                 "prefill patched s", "speedup", "density"],
+                [[_k(n), p["samples"], _f(p["top1"]), _f(p["kl"], 4), f"{_f(p['attn_rel_err'], 4)} "
+                  f"({_f(max(p['layer_attn_rel_err']), 4)})", _f(p["prefill_dense_s"], 2),
+                  _f(p["prefill_patched_s"], 2), f"{p['speedup']:.2f}×", _f(p["density"])]
+                 for n in lengths for p in [per[str(n)]]]),
+        "", "## Per layer: density / attention rel. error", "",
+        *_table(["layer", "patterns", *cols],
+                [[i, meta["config"]["layer_patterns"][i],
+                  *(f"{_f(per[str(n)]['layer_density'][i])} / {_f(per[str(n)]['layer_attn_rel_err'][i], 4)}"
+                    for n in lengths)] for i in range(len(per[str(lengths[0])]["layer_density"]))]),
+        "",
+    ]
+    if s["needle_grid"]:
+        lines += ["![needle grid](needle_grid.png)", ""]
+    lines += [f"![patterns; text = density at {_k(s['head_density_length'])}](patterns.png)", ""]
+    return "\n".join(lines)
+
+
+def _table(header: list, rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
+def _pair(cell: dict) -> str:
+    return f"{_f(cell['dense'])} / {_f(cell['patched'])}"
+
+
+def _f(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _shape(info: dict) -> str:
+    return (f"{info['model_type']}, {info['num_layers']} layers, {info['num_heads']} query / {info['num_kv_heads']} KV "
+            f"heads, head_dim {info['head_dim']}")
+
+
+def _layer_patterns(config: SparseConfig) -> list[str]:
+    short = {"vertical_slash": "vs", "a_shape": "a", "block_sparse": "block", "dense": "dense"}
+    return [" ".join(f"{short[p]}×{c}" for p, c in Counter(h.pattern for h in layer).items()) for layer in config.layers]
+
+
+def _dumps(obj, indent: str = "") -> str:
+    """JSON with short containers and containers of scalars on one line (a layer's head densities, a head's spec)."""
+    flat = json.dumps(obj, ensure_ascii=False)
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else []
+    if len(flat) <= 100 or not any(isinstance(v, (dict, list)) for v in items):
+        return flat
+    inner = indent + " "
+    if isinstance(obj, dict):
+        body = [f"{inner}{json.dumps(k)}: {_dumps(v, inner)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(body) + f"\n{indent}}}"
+    return "[\n" + ",\n".join(inner + _dumps(v, inner) for v in obj) + f"\n{indent}]"
+
+
+def write_outputs(results: dict, config: SparseConfig, out: Path) -> None:
+    """results.json, summary.md, needle_grid.png (if the run had ``niah``) and patterns.png into ``out``.
+
+    Everything is written to a temporary folder first and moved in at the end, so a failure leaves ``out`` untouched.
+    """
+    from .plots import needle_heatmap, pattern_map  # matplotlib only when writing
+
+    s = results["summary"]
+    tmp = Path(tempfile.mkdtemp(prefix="sparse-prefill-eval-"))
+    try:
+        (tmp / "results.json").write_text(_dumps(results) + "\n")
+        (tmp / "summary.md").write_text(summary_markdown(results))
+        if s["needle_grid"]:
+            grid = s["needle_grid"]
+            nan = float("nan")
+            needle_heatmap(grid["depths"], grid["lengths"],
+                           {m: [[nan if v is None else v for v in row] for row in grid[m]] for m in ("dense", "patched")},
+                           tmp / "needle_grid.png")
+        pattern_map(config, tmp / "patterns.png", s["head_density"],
+                    title=f"{results['meta']['config']['made_for']}: pattern per head, "
+                    f"text = density at {_k(s['head_density_length'])} tokens")
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            shutil.move(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def _tasks(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown or text!r}; choose from {', '.join(TASKS)}")
+    return list(dict.fromkeys(names))
+
+
+def _lengths(text: str) -> list[int]:
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        try:
+            n = round(float(item[:-1]) * 1024) if item.endswith("k") else int(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a length like 2048 or 2k") from None
+        if n < MIN_LENGTH:
+            raise argparse.ArgumentTypeError(f"{item!r}: lengths must be at least {MIN_LENGTH} tokens")
+        out.append(n)
+    return sorted(set(out))
+
+
+def _depths(text: str) -> list[float]:
+    try:
+        out = [float(d) for d in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers in [0, 1]") from None
+    if any(not 0 <= d <= 1 for d in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: depths must lie in [0, 1]")
+    return sorted(set(out))
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        if n is None or n < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= {minimum}")
+        return n
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sparse-prefill-eval",
+        description="Accuracy, fidelity and prefill latency of sparse prefill against dense, on long-context "
+        "retrieval tasks built in code (RULER-style).",
+    )
+    p.add_argument("--model", default=SMOLLM2,
+                   help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a local transformers model folder")
+    p.add_argument("--config", default=None,
+                   help="sparse config: a JSON file, or uniform-<pattern> (vs, a, block, or a pattern name: "
+                   f"{', '.join(PATTERN_DEFAULTS)}); default: the shipped config for the model, else vertical-slash")
+    p.add_argument("--tasks", type=_tasks, default=list(TASKS), help=f"comma list of {', '.join(TASKS)} (default all)")
+    p.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="prompt lengths in tokens, e.g. 1k,2k,4k")
+    p.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="needle depths of the niah grid, e.g. 0,0.25,0.5,0.75,1")
+    p.add_argument("--samples", type=_at_least(1), default=1,
+                   help="samples per niah (depth, length) cell and per other task and length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--haystack", type=Path, default=None,
+                   help="text file whose sentences fill the context (default: built-in English-like filler)")
+    p.add_argument("--out", type=Path, default=Path("eval-results"), help="output folder (default eval-results)")
+    p.add_argument("--batch-size", type=_at_least(1), default=1)
+    p.add_argument("--min-seq-len", type=_at_least(0), default=0,
+                   help="prompts with fewer keys run dense (default 0: the sparse path on every prompt)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _config_arg(value: str | None, model) -> str | SparseConfig | None:
+    """--config as patch_model takes it: None, a path, or a uniform config for this model's shape."""
+    if value is None or not value.startswith("uniform-"):
+        return value
+    pattern = ALIASES.get(value[len("uniform-"):], value[len("uniform-"):])
+    if pattern not in PATTERN_DEFAULTS:
+        raise ConfigError(f"{value!r}: unknown pattern; use uniform-<{'|'.join([*ALIASES, *PATTERN_DEFAULTS])}>")
+    return SparseConfig.uniform(adapter_for(model).model_info(model), pattern)
+
+
+def _default_source(info) -> str:
+    if find_shipped_config(info) is not None:
+        return "the shipped config for this model (patch_model(model, None))"
+    return "the default: vertical_slash on every head at MInference's budgets (no shipped config for this model)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def fail(arg: str, message) -> None:
+        parser.error(f"argument {arg}: {message}")  # exits with code 2
+
+    try:
+        haystack = Haystack(args.haystack) if args.haystack else None
+    except (OSError, ValueError) as e:
+        fail("--haystack", e)
+    if args.config and not args.config.startswith("uniform-") and not Path(args.config).is_file():
+        fail("--config", f"{args.config!r} is not a file (nor uniform-<pattern>)")
+    if args.out.exists() and not args.out.is_dir():
+        fail("--out", f"{args.out} exists and is not a folder")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        fail("--device", e)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device", "CUDA is not available")
+    if args.model != SMOLLM2 and not Path(args.model).is_dir():
+        fail("--model", f"{args.model!r} is neither {SMOLLM2!r} nor a local model folder")
+    try:
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
+    except (OSError, ValueError) as e:
+        fail("--model", e)
+    try:
+        config = patch_model(model, _config_arg(args.config, model), min_seq_len=args.min_seq_len)
+    except UnsupportedModelError as e:
+        fail("--model", e)
+    except (ConfigError, OSError) as e:
+        fail("--config", e)
+    finally:
+        unpatch_model(model)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and max(args.lengths) > context:
+        fail("--lengths", f"{max(args.lengths)} exceeds the model's context of {context} tokens")
+    try:
+        samples = make_samples(tokenizer, args.tasks, args.lengths, args.depths, args.samples, args.seed, haystack)
+    except ValueError as e:
+        fail("--lengths", e)
+
+    records = evaluate(model, tokenizer, config, samples, min_seq_len=args.min_seq_len, batch_size=args.batch_size,
+                       progress=not args.no_progress)
+    info = adapter_for(model).model_info(model)
+    results = {
+        "meta": {
+            "model": args.model if args.model != SMOLLM2 else info.name, "model_info": vars(info),
+            "config": {
+                "source": args.config or _default_source(info),
+                "made_for": config.model.name, "provenance": config.provenance,
+                "patterns": dict(Counter(h.pattern for layer in config.layers for h in layer)),
+                "layer_patterns": _layer_patterns(config), "min_seq_len": config.min_seq_len,
+                "json": config.to_dict(),
+            },
+            "min_seq_len": args.min_seq_len, "tasks": args.tasks, "lengths": args.lengths, "depths": args.depths,
+            "samples": args.samples, "seed": args.seed, "haystack": str(args.haystack or "built-in"),
+            "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "versions": {"sparse_prefill": __version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+        },
+        "summary": summarize(records, args.lengths, args.depths),
+        "samples": records,
+    }
+    write_outputs(results, config, args.out)
+    print(f"sparse-prefill-eval: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec
+
+# (dtype, atol, rtol) for sparse outputs against the fp32 reference.
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def spec(pattern: str, **params) -> HeadSpec:
+    return HeadSpec(pattern, {**PATTERN_DEFAULTS[pattern], **params})
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (fp32, CPU), loaded once per test session."""
+    from sparse_prefill.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def passkey(smollm2):
+    """A ~700-token passkey prompt for SmolLM2: (input ids [1, S], passkey)."""
+    from sparse_prefill.prompts import passkey_prompt
+
+    model, tok = smollm2
+    text, key = passkey_prompt(tok, 700, depth=0.4, seed=3)
+    return tok(text, return_tensors="pt").input_ids, key
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:
+    """allclose with a report of how many elements differ and where the worst one is."""
+    actual, expected = actual.float(), expected.float()
+    assert actual.isfinite().all(), "non-finite values in the output"
+    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol)
+    if bad.any():
+        diff = (actual - expected).abs()
+        worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"{int(bad.sum())}/{bad.numel()} elements differ; max |diff| {diff.max():.3g} at {worst} "
+            f"(actual {actual[worst]:.5g}, expected {expected[worst]:.5g})"
+        )

@@ -1,0 +1,91 @@
+"""Slow, loop-by-loop restatements of the index semantics, written independently of sparse_prefill.index."""
+
+import torch
+
+BLOCK = 64
+
+
+def frame(q_len: int, kv_len: int, start: int) -> tuple[int, int]:
+    """(first valid query row, local position of that row)."""
+    first_row = max(0, start - (kv_len - q_len))
+    return first_row, kv_len - q_len + first_row - start
+
+
+def mask_from_sets(index) -> torch.Tensor:
+    """[B, H, q_len, kv_len] bool straight from the index fields, one (row, key) at a time."""
+    B, H = index.diag_mask.shape[:2]
+    Sq, Sk = index.q_len, index.kv_len
+    out = torch.zeros(B, H, Sq, Sk, dtype=torch.bool)
+    for b in range(B):
+        start = int(index.kv_start[b])
+        first_row, first_pos = frame(Sq, Sk, start)
+        for h in range(H):
+            diag = set(torch.nonzero(index.diag_mask[b, h]).flatten().tolist())
+            cols = set(index.col_idx[b, h, : index.col_cnt[b, h]].tolist())
+            for i in range(first_row, Sq):
+                m = (i - first_row) // BLOCK
+                base = (first_pos + m * BLOCK + BLOCK - 1) // BLOCK
+                blocks = set(index.blk_idx[b, h, m, : index.blk_cnt[b, h, m]].tolist()) if index.blk_idx.shape[-1] else set()
+                p = first_pos + i - first_row
+                for c in range(p + 1):
+                    j = c // BLOCK
+                    if (base - j) in diag or j in blocks or c in cols:
+                        out[b, h, i, start + c] = True
+    return out
+
+
+def vertical_slash_scores(q, k, h, b, last_q, scale, start):
+    """Vertical and slash scores of head h, sample b: plain softmax rows of the last queries, summed by column and by
+    diagonal. Both indexed in the local frame (column, offset)."""
+    group = q.shape[1] // k.shape[1]
+    Sk = k.shape[2]
+    rows = range(q.shape[2] - min(last_q, q.shape[2]), q.shape[2])
+    vertical = torch.zeros(Sk - start, dtype=torch.float64)
+    slash = torch.zeros(Sk - start, dtype=torch.float64)
+    for r in rows:
+        p = Sk - q.shape[2] + r - start  # local position
+        if p < 0:
+            continue
+        logits = (k[b, h // group, start : start + p + 1].double() @ q[b, h, r].double()) * scale
+        probs = torch.softmax(logits, 0)
+        vertical[: p + 1] += probs
+        for c in range(p + 1):
+            slash[p - c] += probs[c]
+    return vertical, slash
+
+
+def top_set(scores: torch.Tensor, budget: int, forced: int) -> set[int]:
+    scores = scores.clone()
+    scores[:forced] = float("inf")
+    return set(scores.topk(min(budget, scores.numel())).indices.tolist())
+
+
+def slash_block_diagonals(slashes, q_len: int, kv_len: int, start: int) -> set[int]:
+    """Block diagonals hit by the slashes, found by walking the rows of a full query block far from the start."""
+    _, first_pos = frame(q_len, kv_len, start)
+    m = 10_000  # far enough that every key p - s exists; the diagonals do not depend on m
+    base = (first_pos + m * BLOCK + BLOCK - 1) // BLOCK
+    return {base - (first_pos + m * BLOCK + i - s) // BLOCK for s in slashes for i in range(BLOCK)}
+
+
+def block_sparse_sets(q, k, h, b, top_k, scale, start, q_len_start):
+    """Top-k key blocks per query block of head h, sample b, from mean-pooled q/k in the sample's own block grid."""
+    group = q.shape[1] // k.shape[1]
+    qs = q[b, h, q_len_start:].double()
+    ks = k[b, h // group, start:].double()
+    Sk = k.shape[2]
+    first_pos = Sk - q.shape[2] + q_len_start - start
+    out = []
+    for m in range((qs.shape[0] + BLOCK - 1) // BLOCK):
+        pq = qs[m * BLOCK : (m + 1) * BLOCK].mean(0)
+        base = (first_pos + m * BLOCK + BLOCK - 1) // BLOCK
+        own = (first_pos + m * BLOCK) // BLOCK
+        scores = {}
+        for j in range(base + 1):
+            if j * BLOCK >= ks.shape[0]:
+                break
+            pk = ks[j * BLOCK : (j + 1) * BLOCK].mean(0)
+            scores[j] = float("inf") if j >= own else float(pq @ pk) * scale
+        ranked = sorted(scores, key=lambda j: -scores[j])
+        out.append(set(ranked[:top_k]))
+    return out

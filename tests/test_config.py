@@ -1,0 +1,97 @@
+"""Config schema: round trip, and every rule's error names its field."""
+
+import copy
+import json
+
+import pytest
+
+from sparse_prefill.config import FORMAT, ConfigError, ModelInfo, SparseConfig, load_config, save_config
+
+INFO = ModelInfo("tiny", "llama", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+def good() -> dict:
+    def heads():
+        return [{"pattern": "vertical_slash", "vertical": 64, "slash": 0.25}, {"pattern": "a_shape"},
+                {"pattern": "block_sparse", "top_k": 4}, {"pattern": "dense"}]
+
+    return {"format": FORMAT, "model": dict(vars(INFO)), "min_seq_len": 0,
+            "defaults": {"a_shape": {"sink": 16, "local": 256}}, "layers": [heads(), heads()],
+            "provenance": {"tool": "test"}}
+
+
+def test_round_trip_through_json(tmp_path):
+    config = SparseConfig.from_dict(good())
+    assert config.layers[0][1].params == {"sink": 16, "local": 256}  # filled from "defaults"
+    assert config.layers[0][0].params["last_q"] == 64  # filled from the built-in defaults
+    save_config(config, tmp_path / "c.json")
+    again = load_config(tmp_path / "c.json")
+    assert again == config
+    assert json.loads((tmp_path / "c.json").read_text())["format"] == FORMAT
+
+
+def test_uniform_config():
+    config = SparseConfig.uniform(INFO, "a_shape", local=512)
+    assert len(config.layers) == 2 and all(len(h) == 4 for h in config.layers)
+    assert {s.params["local"] for heads in config.layers for s in heads} == {512}
+
+
+def set_in(raw, path, value):
+    *parents, last = path
+    for key in parents:
+        raw = raw[key]
+    if value is DELETE:
+        del raw[last]
+    else:
+        raw[last] = value
+
+
+DELETE = object()
+BAD = [
+    (("format",), "sparse_prefill/0", "format: must be 'sparse_prefill/1'"),
+    (("model",), DELETE, "model: must be an object"),
+    (("model", "num_heads"), 0, "model.num_heads: must be a positive integer"),
+    (("model", "num_kv_heads"), 3, "model.num_heads: must be a multiple of model.num_kv_heads"),
+    (("model", "name"), 7, "model.name: must be a string"),
+    (("min_seq_len",), -1, "min_seq_len: must be an integer >= 0"),
+    (("layers",), [[]], "layers: must be a list of model.num_layers=2 layers, got 1"),
+    (("layers", 1), [{"pattern": "dense"}], "layers[1]: must list model.num_heads=4 heads, got 1"),
+    (("layers", 1, 2), {"pattern": "star"}, "layers[1][2].pattern: unknown pattern 'star'"),
+    (("layers", 0, 3), "dense", "layers[0][3]: must be an object with a 'pattern'"),
+    (("layers", 0, 0, "slash"), 0, "layers[0][0].slash: must be a positive integer or a fraction in (0, 1)"),
+    (("layers", 0, 0, "slash"), -5, "layers[0][0].slash: must be a positive integer"),
+    (("layers", 0, 0, "vertical"), 1.0, "layers[0][0].vertical: must be a positive integer or a fraction"),
+    (("layers", 0, 0, "vertical"), True, "layers[0][0].vertical: must be a positive integer"),
+    (("layers", 0, 0, "vertical"), "1000", "layers[0][0].vertical: must be a positive integer"),
+    (("layers", 0, 0, "last_q"), 0, "layers[0][0].last_q: must be a positive integer"),
+    (("layers", 0, 0, "force_vertical"), 65, "layers[0][0].force_vertical: must not exceed vertical=64"),
+    (("layers", 0, 0, "top_k"), 3, "layers[0][0].top_k: unknown parameter for vertical_slash"),
+    (("layers", 0, 2, "top_k"), 0.0, "layers[0][2].top_k: must be a positive integer or a fraction"),
+    (("layers", 0, 1, "local"), -1, "layers[0][1].local: must be a positive integer"),
+    (("defaults", "a_shape", "sink"), 0, "defaults.a_shape.sink: must be a positive integer"),
+    (("defaults", "spiral"), {}, "defaults.spiral: unknown pattern 'spiral'"),
+    (("provenance",), [], "provenance: must be an object"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", BAD, ids=[m.split(":")[0] for _, _, m in BAD])
+def test_bad_config_names_the_field(path, value, message):
+    raw = copy.deepcopy(good())
+    set_in(raw, path, value)
+    with pytest.raises(ConfigError) as e:
+        SparseConfig.from_dict(raw)
+    assert message in str(e.value)
+
+
+def test_not_json(tmp_path):
+    (tmp_path / "c.json").write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", 3), ("num_heads", 8), ("num_kv_heads", 1), ("head_dim", 32),
+                                         ("model_type", "qwen2")])
+def test_shape_mismatch(field, value):
+    other = ModelInfo(**{**vars(INFO), field: value})
+    with pytest.raises(ConfigError, match=f"model.{field}: config was made for"):
+        SparseConfig.from_dict(good()).check_model(other)

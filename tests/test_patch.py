@@ -1,0 +1,189 @@
+"""patch_model / unpatch_model on real transformers models: dispatch, padding, chunked prefill, errors."""
+
+import logging
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config
+from transformers import Qwen2ForCausalLM
+
+from conftest import assert_close
+from sparse_prefill import (ConfigError, SparseConfig, UnsupportedModelError, is_patched, last_report, patch_model,
+                            unpatch_model)
+from sparse_prefill.patches import adapter_for
+
+SPARSE = dict(pattern="vertical_slash", vertical=8, slash=4, last_q=16, force_vertical=2, force_slash=4)
+
+
+def tiny(kind="llama", **extra):
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, **extra)
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    return LlamaForCausalLM(LlamaConfig(**common)).eval()
+
+
+def config_for(model, **head):
+    return SparseConfig.uniform(adapter_for(model).model_info(model), min_seq_len=0, **head)
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+IDS = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(1))
+
+
+def test_unpatch_restores_bit_identical_outputs():
+    model = tiny()
+    before = logits(model, IDS)
+    patch_model(model, config_for(model, **SPARSE))
+    patch_model(model, config_for(model, **SPARSE))  # twice is harmless
+    assert model.config._attn_implementation == "sparse_prefill" and is_patched(model)
+    assert not torch.equal(logits(model, IDS), before)  # the sparse path really ran
+    unpatch_model(model)
+    assert model.config._attn_implementation == "sdpa" and not is_patched(model)
+    assert torch.equal(logits(model, IDS), before)
+    unpatch_model(model)  # and so is unpatching twice
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("head", [dict(pattern="vertical_slash", vertical=400, slash=400),
+                                  dict(pattern="a_shape", sink=1, local=400),
+                                  dict(pattern="block_sparse", top_k=8)])
+def test_full_budget_equals_dense(kind, head):
+    model = tiny(kind)
+    dense = logits(model, IDS)
+    patch_model(model, config_for(model, **head))
+    sparse = logits(model, IDS)
+    assert {r.path for r in last_report(model)} == {"sparse"}
+    assert all(d == pytest.approx(1.0) for r in last_report(model) for d in r.density[0])
+    assert_close(sparse, dense, 1e-4, 1e-4)
+
+
+def test_left_padding_equals_per_sample_runs():
+    model = tiny()
+    patch_model(model, config_for(model, **SPARSE))
+    a, b = IDS[:, :300], IDS[:, 50:250]
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 100, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :100] = 0
+    batched = logits(model, ids, attention_mask=mask)
+    assert {r.path for r in last_report(model)} == {"sparse"}
+    assert_close(batched[0], logits(model, a)[0], 1e-4, 1e-4)
+    assert_close(batched[1, 100:], logits(model, b)[0], 1e-4, 1e-4)
+
+
+def test_chunked_prefill_runs_sparse_on_the_new_queries():
+    model = tiny()
+    full = logits(model, IDS)
+    patch_model(model, config_for(model, pattern="vertical_slash", vertical=400, slash=400))
+    cache = DynamicCache(config=model.config)
+    first = logits(model, IDS[:, :170], past_key_values=cache, use_cache=True)
+    second = logits(model, IDS[:, 170:], past_key_values=cache, use_cache=True)
+    record = last_report(model)[0]
+    assert (record.path, record.q_len, record.kv_len) == ("sparse", 130, 300)
+    assert_close(torch.cat([first, second], 1), full, 1e-4, 1e-4)
+
+
+def test_short_prompts_and_decode_take_the_stock_path():
+    model = tiny()
+    patch_model(model, config_for(model, **SPARSE), min_seq_len=301)
+    logits(model, IDS)
+    assert [r.path for r in last_report(model)] == ["dense", "dense"]
+    assert "min_seq_len" in last_report(model)[0].reason
+    patch_model(model, config_for(model, **SPARSE), min_seq_len=0)
+    with torch.no_grad():
+        out = model.generate(IDS, max_new_tokens=3, do_sample=False)
+    # generate's decode steps (one query each) leave the prefill record alone.
+    assert out.shape[1] == 303 and last_report(model)[0].q_len == 300
+
+
+def test_mask_other_than_left_padding_runs_dense_with_one_warning(caplog):
+    model = tiny()
+    patch_model(model, config_for(model, **SPARSE))
+    mask = torch.ones(2, 300, dtype=torch.long)
+    mask[1, 250:] = 0  # right padding
+    with caplog.at_level(logging.WARNING, logger="sparse_prefill"):
+        logits(model, IDS.repeat(2, 1), attention_mask=mask)
+        logits(model, IDS.repeat(2, 1), attention_mask=mask)
+    assert [r.path for r in last_report(model)] == ["dense", "dense"]
+    assert len([r for r in caplog.records if "left padding" in r.message]) == 1
+
+
+def test_qwen2_sliding_window_layers_stay_dense():
+    model = tiny("qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=1,
+                 layer_types=["full_attention", "sliding_attention"])
+    patch_model(model, config_for(model, **SPARSE))
+    logits(model, IDS)
+    assert [r.path for r in last_report(model)] == ["sparse", "dense"]
+
+
+def test_unsupported_model_is_refused_and_left_alone():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64)).eval()
+    impl = model.config._attn_implementation
+    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2' is not supported"):
+        patch_model(model)
+    assert model.config._attn_implementation == impl and not is_patched(model)
+
+
+@pytest.mark.parametrize("bad", [dict(num_heads=8), dict(num_layers=3)])
+def test_wrong_config_leaves_the_model_unpatched(bad):
+    model = tiny()
+    info = adapter_for(model).model_info(model)
+    config = SparseConfig.uniform(type(info)(**{**vars(info), **bad}), min_seq_len=0)
+    with pytest.raises(ConfigError, match="config was made for"):
+        patch_model(model, config)
+    assert model.config._attn_implementation == "sdpa" and not is_patched(model)
+
+
+def test_bad_arguments():
+    model = tiny()
+    with pytest.raises(ValueError, match="backend"):
+        patch_model(model, backend="cuda")
+    with pytest.raises(ValueError, match="min_seq_len"):
+        patch_model(model, min_seq_len=-1)
+    with pytest.raises(TypeError, match="config"):
+        patch_model(model, config=42)
+    assert not is_patched(model)
+
+
+def test_default_config_without_a_shipped_one():
+    model = tiny()
+    config = patch_model(model)
+    assert config.min_seq_len == 8192
+    assert {s.pattern for heads in config.layers for s in heads} == {"vertical_slash"}
+
+
+@pytest.mark.slow
+def test_smollm2_full_budget_generates_the_dense_tokens(smollm2, passkey):
+    model, tok = smollm2
+    ids, key = passkey
+    with torch.no_grad():
+        dense = model.generate(ids, max_new_tokens=6, do_sample=False)
+    patch_model(model, config_for(model, pattern="vertical_slash", vertical=ids.shape[1], slash=ids.shape[1]))
+    try:
+        with torch.no_grad():
+            sparse = model.generate(ids, max_new_tokens=6, do_sample=False)
+        assert {r.path for r in last_report(model)} == {"sparse"}
+    finally:
+        unpatch_model(model)
+    assert key in tok.decode(dense[0, ids.shape[1]:])
+    assert torch.equal(sparse, dense)
+
+
+@pytest.mark.slow
+def test_smollm2_sparse_answers_the_passkey(smollm2, passkey):
+    model, tok = smollm2
+    ids, key = passkey
+    patch_model(model, config_for(model, pattern="a_shape", sink=16, local=128))
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        density = [d for r in last_report(model) for d in r.density[0]]
+    finally:
+        unpatch_model(model)
+    assert key in tok.decode(out[0, ids.shape[1]:])
+    assert sum(density) / len(density) < 0.75
