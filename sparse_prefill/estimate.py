@@ -87,29 +87,36 @@ def _topk_budget(scores: torch.Tensor, budgets: list[int], head_dim: int = 1) ->
     return torch.where(keep & (vals > float("-inf")), idx, -1)
 
 
-def last_query_attention(
-    q: torch.Tensor, k: torch.Tensor, heads: list[int], last_q: int, scale: float, starts: torch.Tensor
-) -> torch.Tensor:
-    """Causal softmax attention of the last ``last_q`` queries of the given heads: [B, len(heads), L, Sk] fp32.
+def vertical_slash_scores(
+    q: torch.Tensor, k: torch.Tensor, heads: list[int], last_q: list[int], scale: float, starts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical and slash scores of the given heads: two [B, len(heads), Sk] fp32 tensors.
 
-    Padding keys and padding queries get probability 0. Computed one KV head at a time, so the only buffer is this
-    output; K/V are never repeated.
+    Causal softmax attention of each head's last ``last_q[i]`` queries over all keys (padding keys and padding
+    queries get probability 0), summed per key column and per diagonal offset (query position - key position).
+    Computed one KV head at a time: the only large buffer is that KV head's [B, group, L, Sk] probabilities, and K/V
+    are never repeated.
     """
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
     group = H // k.shape[1]
-    L = min(last_q, Sq)
+    L = min(max(last_q), Sq)
     pos = Sk - L + torch.arange(L, device=q.device)
     keys = torch.arange(Sk, device=q.device)
     visible = (keys[None, None, :] <= pos[None, :, None]) & (keys[None, None, :] >= starts[:, None, None])  # [B, L, Sk]
-    out = torch.empty(B, len(heads), L, Sk, device=q.device)
-    heads_t = torch.tensor(heads, device=q.device)
-    for kv in heads_t.div(group, rounding_mode="floor").unique().tolist():
-        sel = (heads_t // group == kv).nonzero().flatten()
-        logits = (q[:, heads_t[sel], Sq - L :].float() @ k[:, kv, None].float().transpose(-1, -2)) * scale
+    in_window = torch.arange(L, device=q.device)[None, :] >= L - torch.tensor(last_q, device=q.device)[:, None]
+    vertical = torch.empty(B, len(heads), Sk, device=q.device)
+    slash = torch.empty_like(vertical)
+    for kv in sorted({h // group for h in heads}):
+        sel = [i for i, h in enumerate(heads) if h // group == kv]
+        qh = q[:, [heads[i] for i in sel], Sq - L :].float()
+        logits = (qh @ k[:, kv, None].float().transpose(-1, -2)) * scale
         logits.masked_fill_(~visible[:, None], float("-inf"))
-        out[:, sel] = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-    return out
+        p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        p.mul_(in_window[sel][None, :, :, None])
+        vertical[:, sel] = p.sum(-2)
+        slash[:, sel] = diagonal_sums(p)
+    return vertical, slash
 
 
 def diagonal_sums(p: torch.Tensor) -> torch.Tensor:
@@ -129,21 +136,14 @@ def diagonal_sums(p: torch.Tensor) -> torch.Tensor:
 def vertical_slash_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: float, starts: torch.Tensor):
     """Columns (local) and slash offsets of the vertical-slash heads: two [B, h, n] tensors, -1 = none."""
     Sk = k.shape[2]
-    last_q = [s.params["last_q"] for s in specs]
-    p = last_query_attention(q, k, heads, max(last_q), scale, starts)
-    L = p.shape[2]
-    rows = torch.arange(L, device=q.device)
-    in_window = rows[None, :] >= L - torch.tensor(last_q, device=q.device)[:, None]  # [h, L]
-    p = p * in_window[None, :, :, None]
+    vertical, slash = vertical_slash_scores(q, k, heads, [s.params["last_q"] for s in specs], scale, starts)
     local = torch.arange(Sk, device=q.device)[None, :] - starts[:, None]  # [B, Sk] local column of each key
-    vertical = p.sum(-2)
     vertical = vertical.masked_fill((local < 0)[:, None], float("-inf"))
     forced_v = torch.tensor([s.params["force_vertical"] for s in specs], device=q.device)
     vertical = vertical.masked_fill((local >= 0)[:, None] & (local[:, None] < forced_v[:, None]), float("inf"))
     cols = _topk_budget(vertical, [s.budget("vertical", Sk) for s in specs])
     cols = torch.where(cols >= 0, cols - starts[:, None, None], -1)
 
-    slash = diagonal_sums(p)  # [B, h, Sk] by offset
     offsets = torch.arange(Sk, device=q.device)
     slash = slash.masked_fill((offsets[None, :] > Sk - 1 - starts[:, None])[:, None], float("-inf"))
     forced_s = torch.tensor([s.params["force_slash"] for s in specs], device=q.device)

@@ -15,7 +15,8 @@ Query rows before the sample's first valid position are padding; the valid ones 
 ``BLOCK`` rows from the first valid row on, exactly as a run on the unpadded sample would split them. Key blocks are
 ``BLOCK`` local columns each.
 
-Three ways a head names its keys, and a head uses one or two of them:
+Three ways a head names its keys; a head uses the first two, or the third alone (a pair named twice would count
+twice in a kernel):
 
 * ``diag_mask[b, h, d]``: block diagonal ``d`` is on. Query block ``m`` then computes key block ``base(m) - d``, where
   ``base(m)`` is the key block holding block ``m``'s nominal last row (vertical-slash, A-shape and dense heads).
@@ -142,11 +143,11 @@ def make_index(
     _, off = query_offsets(q_len, kv_len, kv_start)
     m = torch.arange(cdiv(q_len, BLOCK), device=cols.device)
     last_row = off[:, None] + m[None, :] * BLOCK + BLOCK - 1  # [B, M]
-    B, H, _ = col_idx.shape
-    col_row_cnt = torch.searchsorted(
-        col_idx.long().contiguous(), last_row[:, None, :].expand(B, H, -1).contiguous(), right=True
-    )
-    col_row_cnt = torch.minimum(col_row_cnt, col_cnt[..., None].long()).int()
+    B, H, V = col_idx.shape
+    # Search the list with its padding pushed past every position, so it is sorted end to end.
+    listed = torch.where(torch.arange(V, device=cols.device) < col_cnt[..., None], col_idx.long(), torch.iinfo(torch.int64).max)
+    col_row_cnt = torch.searchsorted(listed.contiguous(), last_row[:, None, :].expand(B, H, -1).contiguous(), right=True)
+    col_row_cnt = col_row_cnt.int()
     blk_idx, blk_cnt = sorted_valid(blocks, blocks >= 0)
     return SparseIndex(
         q_len=q_len,

@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when first imported (transformers imports it early): without a GPU, its kernels run in
+# the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec
 

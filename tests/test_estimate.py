@@ -6,7 +6,7 @@ from naive import block_sparse_sets, slash_block_diagonals, top_set, vertical_sl
 
 from conftest import spec
 from sparse_prefill.estimate import build_index, diagonal_sums
-from sparse_prefill.index import query_offsets, token_mask
+from sparse_prefill.index import block_mask, col_mask, query_offsets, token_mask
 from test_index import qkv
 
 
@@ -87,3 +87,21 @@ def test_fraction_budgets_scale_with_the_key_length():
     assert (s.budget("vertical", 1000), s.budget("slash", 1000)) == (100, 250)
     assert (s.budget("vertical", 4000), s.budget("slash", 4000)) == (400, 1000)
     assert spec("a_shape", local=5000).budget("local", 300) == 300
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("S", [4096, 32768])
+def test_gpu_builds_the_cpu_index(S):
+    heads = [spec("vertical_slash"), spec("vertical_slash", vertical=300, slash=0.1), spec("block_sparse", top_k=40),
+             spec("a_shape"), spec("dense"), spec("block_sparse", top_k=0.05)] * 2
+    q, k, _ = qkv(2, len(heads), 4, S, S, D=64, seed=S)
+    starts = [0, 1000]
+    cpu = build_index(q, k, heads, 0.125, starts)
+    gpu = build_index(q.cuda(), k.cuda(), heads, 0.125, starts)
+    # Top-k sets may differ only where two scores tie within float rounding (CPU and GPU sum in other orders).
+    for b in range(2):
+        for part in (block_mask, col_mask):
+            want, got = part(cpu, b), part(gpu, b).cpu()
+            assert want.shape == got.shape
+            assert (want != got).sum() <= 0.005 * want.sum(), part.__name__

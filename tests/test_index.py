@@ -82,3 +82,11 @@ def test_empty_rows_give_zeros():
     index = make_index(128, 128, torch.tensor([0]), diag, torch.full((1, 1, 1), -1), torch.zeros(1, 1, 2, 0))
     assert (attention_ref(q, k, v, token_mask(index), 1.0) == 0).all()
     assert (sparse_attention_torch(q, k, v, index, 1.0) == 0).all()
+
+
+def test_column_counts_per_query_block_ignore_list_padding():
+    # Head 0 lists two columns, head 1 five: head 0's list is padded, and the padding must not be counted.
+    cols = torch.tensor([[[5, 100, -1, -1, -1], [0, 1, 70, 130, 190]]])
+    diag = torch.ones(1, 2, 4, dtype=torch.bool)
+    index = make_index(256, 256, torch.tensor([0]), diag, cols, torch.zeros(1, 2, 4, 0, dtype=torch.long))
+    assert index.col_row_cnt[0].tolist() == [[1, 2, 2, 2], [2, 3, 4, 5]]

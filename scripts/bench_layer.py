@@ -1,0 +1,239 @@
+"""Benchmark one attention layer end to end: index building + sparse kernel vs SDPA cuDNN and SDPA flash.
+
+A benchmark, not a test: it prints a table and writes markdown + CSV under --out. Run on a CUDA machine:
+
+    python scripts/bench_layer.py --lengths 8k,32k,64k,128k
+
+For each shape, length and input kind it times (median of triton's do_bench, ms) dense SDPA with the cuDNN and the
+flash backends, and for each pattern at MInference's default budgets: index building alone, the kernel alone on
+that index, and the whole path. It also reports the achieved tile density, the relative L2 error against dense
+attention and against the same pattern computed in fp32 (on sampled query rows), and the peak memory above the
+inputs compared with cuDNN's.
+
+Inputs: ``random`` (near-uniform attention, so any chosen indices are arbitrary: the worst case) and ``structured``
+(a rotary-induced local band, attention-sink keys, a few strong vertical keys and repeated-offset slashes, the
+shapes long-context heads show), and ``captured`` (q/k/v of one SmolLM2 layer on an 8K prompt, from --captured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec  # noqa: E402
+from sparse_prefill.estimate import build_index  # noqa: E402
+from sparse_prefill.index import sample_mask, tile_density  # noqa: E402
+
+SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # query heads, kv heads, head_dim
+PATTERNS = {
+    "vertical_slash": HeadSpec("vertical_slash", dict(PATTERN_DEFAULTS["vertical_slash"])),
+    "a_shape": HeadSpec("a_shape", dict(PATTERN_DEFAULTS["a_shape"])),
+    "block_sparse": HeadSpec("block_sparse", dict(PATTERN_DEFAULTS["block_sparse"])),
+}
+
+
+def parse_lengths(text: str) -> list[int]:
+    return [int(float(t[:-1]) * 1024) if t.endswith("k") else int(t) for t in text.split(",")]
+
+
+def rope(x: torch.Tensor, base: float = 500000.0) -> torch.Tensor:
+    """Rotate [..., S, D] by position, Llama style (half-split)."""
+    S, D = x.shape[-2:]
+    inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    ang = torch.arange(S, device=x.device, dtype=torch.float32)[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    x1, x2 = x.float().chunk(2, -1)
+    return x.float() * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def structured_qkv(H: int, Hkv: int, S: int, D: int, seed: int = 0, dev: str = "cuda"):
+    """q [1, H, S, D], k/v [1, Hkv, S, D] in bf16 whose causal attention has the long-context shapes."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    G = H // Hkv
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=dev)
+
+    content = randn(Hkv, 1, D)  # shared content: after RoPE, q_i . k_j decays with |i - j| (the local band)
+    k = rope(content.expand(Hkv, S, D) * 1.2 + randn(Hkv, S, D) * 0.5)
+    q = rope(content.repeat_interleave(G, 0).expand(H, S, D) * 1.2 + randn(H, S, D) * 0.5)
+    sink_dir = F.normalize(randn(Hkv, 1, D), dim=-1)  # a position-free direction every query carries
+    q = q + sink_dir.repeat_interleave(G, 0) * 4.0
+    strong = torch.zeros(S, device=dev)
+    strong[:4] = 24.0  # attention sinks
+    strong[torch.randint(4, S, (max(1, S // 2048),), generator=g, device=dev)] = 18.0  # vertical keys
+    k = k + strong[None, :, None] * sink_dir
+    tokens = randn(S + 256, D) * 1.1  # repeated-offset slashes: key j carries the token of query j + o
+    for o in (17, 64, 200):
+        k = k + tokens[o : o + S][None]
+    q = q + tokens[:S][None]
+    v = randn(Hkv, S, D)
+    return q[None].bfloat16(), k[None].bfloat16(), v[None].bfloat16()
+
+
+def random_qkv(H: int, Hkv: int, S: int, D: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return tuple(torch.randn(1, h, S, D, generator=g, device="cuda").bfloat16() for h in (H, Hkv, Hkv))
+
+
+def dense(q, k, v, backend) -> torch.Tensor:
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def peak_extra(fn) -> int:
+    """Peak bytes allocated while fn runs, above what was allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def sampled_rows(S: int) -> torch.Tensor:
+    """Query rows to check accuracy on: the last 128 and 128 spread over the prompt."""
+    spread = torch.linspace(0, S - 129, 128).long()
+    return torch.cat([spread, torch.arange(S - 128, S)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="8k,32k,64k,128k")
+    parser.add_argument("--shapes", default="llama3-8b,smollm2")
+    parser.add_argument("--inputs", default="random,structured")
+    parser.add_argument("--captured", default=None, help="a .pt file with q/k/v of one layer (adds input 'captured')")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_layer: no CUDA device, nothing to measure")
+        return
+    from torch.nn.attention import SDPBackend
+
+    from sparse_prefill.kernels import sparse_attention_triton
+
+    import triton
+
+    device = torch.cuda.get_device_name()
+    versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
+    rows = []
+    inputs = args.inputs.split(",") + (["captured"] if args.captured else [])
+    for shape in args.shapes.split(","):
+        H, Hkv, D = SHAPES[shape]
+        for S in parse_lengths(args.lengths):
+            for kind in inputs:
+                if kind == "captured":
+                    data = torch.load(args.captured)
+                    if (data["q"].shape[1], data["q"].shape[-1]) != (H, D) or data["q"].shape[2] < S:
+                        continue
+                    q, k, v = (data[n][..., :S, :].cuda().bfloat16() for n in "qkv")
+                elif kind == "structured":
+                    q, k, v = structured_qkv(H, Hkv, S, D)
+                else:
+                    q, k, v = random_qkv(H, Hkv, S, D)
+                scale = D**-0.5
+                causal_flops = 4 * D * S * S / 2 * H
+                ref = dense(q, k, v, SDPBackend.CUDNN_ATTENTION).transpose(1, 2)
+                t_cudnn = bench(lambda: dense(q, k, v, SDPBackend.CUDNN_ATTENTION))
+                mem_cudnn = peak_extra(lambda: dense(q, k, v, SDPBackend.CUDNN_ATTENTION))
+                t_flash = bench(lambda: dense(q, k, v, SDPBackend.FLASH_ATTENTION))
+                base = dict(shape=shape, S=S, input=kind, device=device, versions=versions)
+                rows.append({**base, "provider": "sdpa_cudnn", "ms": t_cudnn, "speedup": 1.0, "density": 1.0,
+                             "tflops": causal_flops / t_cudnn / 1e9, "mem_mb": mem_cudnn / 2**20})
+                rows.append({**base, "provider": "sdpa_flash", "ms": t_flash, "speedup": t_cudnn / t_flash,
+                             "density": 1.0, "tflops": causal_flops / t_flash / 1e9})
+                sample = sampled_rows(S).cuda()
+                for name, spec in PATTERNS.items():
+                    heads = [spec] * H
+                    index = build_index(q, k, heads, scale, [0])
+                    out = sparse_attention_triton(q, k, v, index, scale)
+                    t_index = bench(lambda: build_index(q, k, heads, scale, [0]))
+                    t_kernel = bench(lambda: sparse_attention_triton(q, k, v, index, scale))
+                    t_all = bench(lambda: sparse_attention_triton(q, k, v, build_index(q, k, heads, scale, [0]), scale))
+                    mem = peak_extra(lambda: sparse_attention_triton(q, k, v, build_index(q, k, heads, scale, [0]), scale))
+                    density = float(tile_density(index).mean())
+                    exact = exact_rows(q, k, v, index, sample, scale)
+                    torch_bf16 = exact_rows(q, k, v, index, sample, scale, dtype=torch.bfloat16)
+                    tiles = density * (S / 64) * (S / 64 + 1) / 2 * H
+                    rows.append({**base, "provider": name, "ms": t_all, "index_ms": t_index, "kernel_ms": t_kernel,
+                                 "speedup": t_cudnn / t_all, "kernel_speedup": t_cudnn / t_kernel, "density": density,
+                                 "tflops": tiles * 4 * D * 64 * 64 / t_kernel / 1e9,
+                                 "err_vs_dense": rel_err(out[0, sample], ref[0, sample]),
+                                 "err_vs_pattern": rel_err(out[0, sample], exact),
+                                 "torch_bf16_err_vs_pattern": rel_err(torch_bf16, exact),
+                                 "mem_mb": mem / 2**20, "mem_vs_cudnn": mem / mem_cudnn})
+                    print(_line(rows[-1]), flush=True)
+                del q, k, v, ref
+                torch.cuda.empty_cache()
+    write(rows, Path(args.out), device, versions)
+
+
+def exact_rows(q, k, v, index, rows, scale, dtype=torch.float32) -> torch.Tensor:
+    """Attention of the given query rows under the index's exact mask, computed in ``dtype``: [R, H, D]."""
+    G = q.shape[1] // k.shape[1]
+    out = []
+    for chunk in rows.split(32):
+        mask = torch.stack([sample_mask(index, 0, slice(r, r + 1))[:, 0] for r in chunk.tolist()], 1)  # [H, R, S]
+        qq = q[0, :, chunk].to(dtype)
+        kk = k[0].to(dtype).repeat_interleave(G, 0)
+        s = (qq @ kk.transpose(-1, -2)).float() * scale
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).to(dtype)
+        out.append((p @ v[0].to(dtype).repeat_interleave(G, 0)).float().transpose(0, 1))
+    return torch.cat(out)
+
+
+def _line(r: dict) -> str:
+    return (f"{r['shape']:>10} {r['S']:>7} {r['input']:>10} {r['provider']:>15} {r['ms']:9.2f} ms "
+            f"x{r['speedup']:5.2f} density {r['density']:.3f} err {r.get('err_vs_dense', 0):.3g}")
+
+
+COLUMNS = ["shape", "S", "input", "provider", "ms", "index_ms", "kernel_ms", "speedup", "kernel_speedup", "density",
+           "tflops", "err_vs_dense", "err_vs_pattern", "torch_bf16_err_vs_pattern", "mem_mb", "mem_vs_cudnn",
+           "device", "versions"]
+
+
+def write(rows: list[dict], out: Path, device: str, versions: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench_layer.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: (f"{r[c]:.4g}" if isinstance(r.get(c), float) else r.get(c, "")) for c in COLUMNS})
+    shown = COLUMNS[:-2]
+    lines = [f"# One attention layer, whole sparse path vs SDPA\n\n{device}; {versions}\n",
+             "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in shown) + " |")
+    (out / "bench_layer.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}" if not math.isnan(x) else "nan"
+    return str(x)
+
+
+if __name__ == "__main__":
+    main()
