@@ -89,4 +89,4 @@ def test_column_counts_per_query_block_ignore_list_padding():
     cols = torch.tensor([[[5, 100, -1, -1, -1], [0, 1, 70, 130, 190]]])
     diag = torch.ones(1, 2, 4, dtype=torch.bool)
     index = make_index(256, 256, torch.tensor([0]), diag, cols, torch.zeros(1, 2, 4, 0, dtype=torch.long))
-    assert index.col_row_cnt[0].tolist() == [[1, 2, 2, 2], [2, 3, 4, 5]]
+    assert index.col_row_cnt[0].tolist() == [[1, 2, 2, 2], [2, 3, 5, 5]]
