@@ -31,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec  # noqa: E402
 from sparse_prefill.estimate import build_index  # noqa: E402
-from sparse_prefill.index import sample_mask, tile_density  # noqa: E402
+from sparse_prefill.index import block_mask, col_mask, tile_density  # noqa: E402
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # query heads, kv heads, head_dim
 PATTERNS = {
     "vertical_slash": HeadSpec("vertical_slash", dict(PATTERN_DEFAULTS["vertical_slash"])),
+    "vertical_slash_token": HeadSpec("vertical_slash", {**PATTERN_DEFAULTS["vertical_slash"], "slash_select": "token"}),
     "a_shape": HeadSpec("a_shape", dict(PATTERN_DEFAULTS["a_shape"])),
     "block_sparse": HeadSpec("block_sparse", dict(PATTERN_DEFAULTS["block_sparse"])),
 }
@@ -63,16 +64,19 @@ def structured_qkv(H: int, Hkv: int, S: int, D: int, seed: int = 0, dev: str = "
     def randn(*shape):
         return torch.randn(*shape, generator=g, device=dev)
 
-    content = randn(Hkv, 1, D)  # shared content: after RoPE, q_i . k_j decays with |i - j| (the local band)
-    k = rope(content.expand(Hkv, S, D) * 1.2 + randn(Hkv, S, D) * 0.5)
-    q = rope(content.repeat_interleave(G, 0).expand(H, S, D) * 1.2 + randn(H, S, D) * 0.5)
+    # Shared content on the low rotary frequencies: after RoPE, q_i . k_j decays smoothly with |i - j| over a few
+    # thousand tokens (the local band), as long-context heads' attention does.
+    low = (torch.arange(D, device=dev) % (D // 2) >= D // 4).float()
+    content = randn(Hkv, 1, D) * low * 2**0.5
+    k = rope(content.expand(Hkv, S, D) * 1.2 + randn(Hkv, S, D) * 0.3)
+    q = rope(content.repeat_interleave(G, 0).expand(H, S, D) * 1.2 + randn(H, S, D) * 0.3)
     sink_dir = F.normalize(randn(Hkv, 1, D), dim=-1)  # a position-free direction every query carries
     q = q + sink_dir.repeat_interleave(G, 0) * 4.0
     strong = torch.zeros(S, device=dev)
     strong[:4] = 24.0  # attention sinks
     strong[torch.randint(4, S, (max(1, S // 2048),), generator=g, device=dev)] = 18.0  # vertical keys
     k = k + strong[None, :, None] * sink_dir
-    tokens = randn(S + 256, D) * 1.1  # repeated-offset slashes: key j carries the token of query j + o
+    tokens = randn(S + 256, D) * 0.8  # repeated-offset slashes: key j carries the token of query j + o
     for o in (17, 64, 200):
         k = k + tokens[o : o + S][None]
     q = q + tokens[:S][None]
@@ -192,14 +196,17 @@ def main() -> None:
 def exact_rows(q, k, v, index, rows, scale, dtype=torch.float32) -> torch.Tensor:
     """Attention of the given query rows under the index's exact mask, computed in ``dtype``: [R, H, D]."""
     G = q.shape[1] // k.shape[1]
+    blocks, cols = block_mask(index, 0), col_mask(index, 0)  # [H, M, N], [H, S]
+    keys = torch.arange(k.shape[2], device=q.device)
+    kk = k[0].to(dtype).repeat_interleave(G, 0)
+    vv = v[0].to(dtype).repeat_interleave(G, 0)
     out = []
     for chunk in rows.split(32):
-        mask = torch.stack([sample_mask(index, 0, slice(r, r + 1))[:, 0] for r in chunk.tolist()], 1)  # [H, R, S]
-        qq = q[0, :, chunk].to(dtype)
-        kk = k[0].to(dtype).repeat_interleave(G, 0)
-        s = (qq @ kk.transpose(-1, -2)).float() * scale
+        causal = keys[None, :] <= chunk[:, None]
+        mask = causal & (blocks[:, chunk // 64][..., keys // 64] | cols[:, None, :])  # [H, R, S]
+        s = (q[0, :, chunk].to(dtype) @ kk.transpose(-1, -2)).float() * scale
         p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).to(dtype)
-        out.append((p @ v[0].to(dtype).repeat_interleave(G, 0)).float().transpose(0, 1))
+        out.append((p @ vv).float().transpose(0, 1))
     return torch.cat(out)
 
 

@@ -22,8 +22,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .config import HeadSpec
-from .estimate import build_index
+from .estimate import LayerPlan
 from .index import SparseIndex, tile_density
 from .reference import sparse_attention_torch
 
@@ -102,12 +101,12 @@ class PatchState:
 @dataclass
 class LayerState:
     layer: int
-    heads: list[HeadSpec]
+    plan: LayerPlan
     patch: PatchState
 
     @property
     def all_dense(self) -> bool:
-        return all(h.pattern == "dense" for h in self.heads)
+        return set(self.plan.groups) == {"dense"}
 
 
 # Attention module -> its layer's state. Weak keys: a model that is deleted takes its entries with it.
@@ -180,9 +179,9 @@ def sparse_prefill_attention(
     if run is None:
         record.reason = "no sparse backend for this input"
         return dense()
-    index = build_index(query, key, state.heads, scale, kv_start)
+    index = state.plan.index(query, key, scale, kv_start)
     record.path, record.reason, record.index = "sparse", "", index
-    record.patterns = [h.pattern for h in state.heads]
+    record.patterns = [h.pattern for h in state.plan.heads]
     return run(query, key, value, index, scale), None
 
 

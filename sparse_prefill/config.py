@@ -30,17 +30,22 @@ FORMAT = "sparse_prefill/1"
 DEFAULT_MIN_SEQ_LEN = 8192
 
 # Built-in parameters per pattern (MInference's defaults). Budgets may be fractions; the rest are integers.
-PATTERN_DEFAULTS: dict[str, dict[str, int | float]] = {
+PATTERN_DEFAULTS: dict[str, dict[str, int | float | str]] = {
     "dense": {},
     # sink keys + a local window of keys.
     "a_shape": {"sink": 128, "local": 3968},
     # top key columns + top diagonals from the last `last_q` queries; always keep the first `force_vertical` columns
-    # (attention sinks) and the `force_slash` nearest diagonals (the local window).
-    "vertical_slash": {"vertical": 1000, "slash": 6096, "last_q": 64, "force_vertical": 30, "force_slash": 100},
+    # (attention sinks) and the `force_slash` nearest diagonals (the local window). `slash_select` "token" keeps the
+    # `slash` top diagonals (MInference; each scattered one costs up to two key blocks per query block), "block" the
+    # slash/64 block diagonals that cover the most slash mass (the kernel's cost, fixed by the budget).
+    "vertical_slash": {
+        "vertical": 1000, "slash": 6096, "last_q": 64, "force_vertical": 30, "force_slash": 100, "slash_select": "block"
+    },
     # top-k key blocks per query block from mean-pooled q·k.
     "block_sparse": {"top_k": 100},
 }
 BUDGETS = {"sink", "local", "vertical", "slash", "top_k"}
+CHOICES = {"slash_select": ("token", "block")}
 
 
 class ConfigError(ValueError):
@@ -62,7 +67,7 @@ class HeadSpec:
     """One head's pattern with all parameters filled in."""
 
     pattern: str
-    params: dict[str, int | float] = field(default_factory=dict)
+    params: dict[str, int | float | str] = field(default_factory=dict)
 
     def budget(self, name: str, kv_len: int) -> int:
         """A budget resolved for a key length: fractions scale with it, and nothing exceeds it."""
@@ -204,7 +209,10 @@ def _check_params(pattern: str, params: Any, where: str) -> None:
         if name not in PATTERN_DEFAULTS[pattern]:
             known = ", ".join(PATTERN_DEFAULTS[pattern]) or "none"
             raise ConfigError(f"{where}.{name}: unknown parameter for {pattern} (known: {known})")
-        if name in BUDGETS:
+        if name in CHOICES:
+            if value not in CHOICES[name]:
+                raise ConfigError(f"{where}.{name}: must be one of {CHOICES[name]}, got {value!r}")
+        elif name in BUDGETS:
             if isinstance(value, float) and 0.0 < value < 1.0:
                 continue
             _check_int(value, f"{where}.{name}", minimum=1, fraction_ok=True)

@@ -14,6 +14,9 @@ so the same code builds the index on the CPU and on the GPU.
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 
@@ -21,10 +24,76 @@ from .config import HeadSpec
 from .index import BLOCK, SparseIndex, block_bases, cdiv, make_index, query_offsets, slash_diagonals
 
 
+class LayerPlan:
+    """One layer's head specs, grouped by pattern once: the plan half of a plan/run split.
+
+    :meth:`index` builds the :class:`SparseIndex` of a call. What does not depend on q/k (dense and A-shape heads, and
+    the whole index of a layer without vertical-slash or block-sparse heads) is built once per (lengths, padding,
+    device) and reused by later calls and layers' calls of the same shape.
+    """
+
+    CACHED_SHAPES = 4
+
+    def __init__(self, heads: list[HeadSpec]):
+        self.heads = list(heads)
+        self.groups: dict[str, list[int]] = {}
+        for h, spec in enumerate(self.heads):
+            self.groups.setdefault(spec.pattern, []).append(h)
+        self.dynamic = "vertical_slash" in self.groups or "block_sparse" in self.groups
+        self._static: OrderedDict = OrderedDict()
+
+    def index(self, q: torch.Tensor, k: torch.Tensor, scale: float, kv_start: list[int]) -> SparseIndex:
+        """The index of one call.
+
+        Args:
+            q: [B, Hq, Sq, D] queries after RoPE; k: [B, Hkv, Sk, D] keys (the full cache, Sq <= Sk).
+            scale: softmax scale.
+            kv_start: per sample, the first valid key column (left padding), as host integers.
+        """
+        B, H, Sq, _ = q.shape
+        Sk = k.shape[2]
+        static = self._static_part(B, H, Sq, Sk, kv_start, q.device)
+        if not self.dynamic:
+            return static["index"]
+        starts, diag, cols = static["starts"], static["diag"], list(static["cols"])
+        if vs_heads := self.groups.get("vertical_slash"):
+            vs_cols, vs_diag = vertical_slash_sets(q, k, [self.heads[h] for h in vs_heads], vs_heads, scale, starts)
+            cols.append((vs_heads, vs_cols))
+            diag = diag.clone()
+            diag[:, const(vs_heads, q.device)] |= vs_diag
+        blocks = torch.full((B, H, cdiv(Sq, BLOCK), 0), -1, dtype=torch.long, device=q.device)
+        if bs_heads := self.groups.get("block_sparse"):
+            blocks = block_sparse_sets(q, k, [self.heads[h] for h in bs_heads], bs_heads, scale, kv_start)
+        return make_index(Sq, Sk, starts, diag, _scatter_heads(B, H, cols, q.device), blocks)
+
+    def _static_part(self, B: int, H: int, Sq: int, Sk: int, kv_start: list[int], dev: torch.device) -> dict:
+        key = (B, H, Sq, Sk, tuple(kv_start), str(dev))
+        if key in self._static:
+            self._static.move_to_end(key)
+            return self._static[key]
+        starts = const(kv_start, dev)
+        diag = torch.zeros(B, H, cdiv(Sk, BLOCK), dtype=torch.bool, device=dev)
+        diag[:, self.groups.get("dense", [])] = True
+        cols = []  # (heads, [B, len(heads), n]) pieces, -1 = none
+        if a_heads := self.groups.get("a_shape"):
+            sink = [self.heads[h].budget("sink", Sk) for h in a_heads]
+            local = [self.heads[h].budget("local", Sk) for h in a_heads]
+            cols.append((a_heads, _prefix(B, sink, dev)))
+            diag |= slash_diagonals(_scatter_heads(B, H, [(a_heads, _prefix(B, local, dev))], dev), Sq, Sk, starts)
+        part = {"starts": starts, "diag": diag, "cols": cols}
+        if not self.dynamic:
+            no_blocks = torch.full((B, H, cdiv(Sq, BLOCK), 0), -1, dtype=torch.long, device=dev)
+            part["index"] = make_index(Sq, Sk, starts, diag, _scatter_heads(B, H, cols, dev), no_blocks)
+        self._static[key] = part
+        if len(self._static) > self.CACHED_SHAPES:
+            self._static.popitem(last=False)
+        return part
+
+
 def build_index(
     q: torch.Tensor, k: torch.Tensor, heads: list[HeadSpec], scale: float, kv_start: list[int]
 ) -> SparseIndex:
-    """Estimate the index of one layer call.
+    """Estimate the index of one layer call: ``LayerPlan(heads).index(q, k, scale, kv_start)``.
 
     Args:
         q: [B, Hq, Sq, D] queries after RoPE; k: [B, Hkv, Sk, D] keys (the full cache, Sq <= Sk).
@@ -34,38 +103,24 @@ def build_index(
     Returns:
         The :class:`SparseIndex` for all heads; dense heads get every block diagonal.
     """
-    B, H, Sq, _ = q.shape
-    Sk = k.shape[2]
-    dev = q.device
-    starts = torch.tensor(kv_start, device=dev, dtype=torch.long)
-    diag = torch.zeros(B, H, cdiv(Sk, BLOCK), dtype=torch.bool, device=dev)
-    by_pattern: dict[str, list[int]] = {}
-    for h, spec in enumerate(heads):
-        by_pattern.setdefault(spec.pattern, []).append(h)
+    return LayerPlan(heads).index(q, k, scale, kv_start)
 
-    diag[:, by_pattern.get("dense", [])] = True
-    cols, slash = [], []  # (heads, [B, len(heads), n]) pieces, -1 = none
-    if a_heads := by_pattern.get("a_shape"):
-        sink = [heads[h].budget("sink", Sk) for h in a_heads]
-        local = [heads[h].budget("local", Sk) for h in a_heads]
-        cols.append((a_heads, _prefix(B, sink, dev)))
-        slash.append((a_heads, _prefix(B, local, dev)))
-    if vs_heads := by_pattern.get("vertical_slash"):
-        vs_cols, vs_slash = vertical_slash_sets(q, k, [heads[h] for h in vs_heads], vs_heads, scale, starts)
-        cols.append((vs_heads, vs_cols))
-        slash.append((vs_heads, vs_slash))
-    if slash:
-        diag |= slash_diagonals(_scatter_heads(B, H, slash, dev), Sq, Sk, starts)
-    blocks = torch.full((B, H, cdiv(Sq, BLOCK), 0), -1, dtype=torch.long, device=dev)
-    if bs_heads := by_pattern.get("block_sparse"):
-        blocks = block_sparse_sets(q, k, [heads[h] for h in bs_heads], bs_heads, scale, kv_start)
-    return make_index(Sq, Sk, starts, diag, _scatter_heads(B, H, cols, dev), blocks)
+
+@functools.lru_cache(maxsize=1024)
+def _const(values: tuple, device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def const(values, device) -> torch.Tensor:
+    """A small int64 tensor of host values, made once per (values, device): a fresh host-to-device copy on every call
+    would wait for the GPU (it synchronises the stream), and these lists repeat across calls and layers."""
+    return _const(tuple(values), str(device))
 
 
 def _prefix(B: int, lengths: list[int], dev: torch.device) -> torch.Tensor:
     """[B, len(lengths), max(lengths)]: 0..n-1 per head, -1 after."""
     n = torch.arange(max(lengths), device=dev)
-    out = torch.where(n[None, :] < torch.tensor(lengths, device=dev)[:, None], n, -1)
+    out = torch.where(n[None, :] < const(lengths, dev)[:, None], n, -1)
     return out.expand(B, -1, -1)
 
 
@@ -74,7 +129,7 @@ def _scatter_heads(B: int, H: int, pieces: list, dev: torch.device) -> torch.Ten
     width = max((p.shape[-1] for _, p in pieces), default=0)
     out = torch.full((B, H, width), -1, dtype=torch.long, device=dev)
     for hs, p in pieces:
-        out[:, hs, : p.shape[-1]] = p
+        out[:, const(hs, dev), : p.shape[-1]] = p
     return out
 
 
@@ -82,7 +137,7 @@ def _topk_budget(scores: torch.Tensor, budgets: list[int], head_dim: int = 1) ->
     """Top entries along the last dim with a budget per head (dim ``head_dim``); -1 past it or where the score is -inf."""
     kmax = min(max(budgets), scores.shape[-1])
     vals, idx = scores.topk(kmax, dim=-1)
-    per_head = torch.tensor(budgets, device=scores.device).view(-1, *[1] * (scores.dim() - head_dim - 1))
+    per_head = const(budgets, scores.device).view(-1, *[1] * (scores.dim() - head_dim - 1))
     keep = torch.arange(kmax, device=scores.device) < per_head
     return torch.where(keep & (vals > float("-inf")), idx, -1)
 
@@ -104,19 +159,38 @@ def vertical_slash_scores(
     pos = Sk - L + torch.arange(L, device=q.device)
     keys = torch.arange(Sk, device=q.device)
     visible = (keys[None, None, :] <= pos[None, :, None]) & (keys[None, None, :] >= starts[:, None, None])  # [B, L, Sk]
-    in_window = torch.arange(L, device=q.device)[None, :] >= L - torch.tensor(last_q, device=q.device)[:, None]
+    in_window = torch.arange(L, device=q.device)[None, :] >= L - const(last_q, q.device)[:, None]
     vertical = torch.empty(B, len(heads), Sk, device=q.device)
     slash = torch.empty_like(vertical)
-    for kv in sorted({h // group for h in heads}):
-        sel = [i for i, h in enumerate(heads) if h // group == kv]
-        qh = q[:, [heads[i] for i in sel], Sq - L :].float()
-        logits = (qh @ k[:, kv, None].float().transpose(-1, -2)) * scale
+    for kv0, kv1, sel in _kv_chunks(heads, group, B * L * Sk * 4):
+        qh = q[:, :, Sq - L :].index_select(1, const([heads[i] for i in sel], q.device)).float().unflatten(1, (kv1 - kv0, -1))  # [B, kv, g, L, D]
+        logits = (qh @ k[:, kv0:kv1, None].float().transpose(-1, -2)).flatten(1, 2) * scale  # [B, kv*g, L, Sk]
         logits.masked_fill_(~visible[:, None], float("-inf"))
         p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
         p.mul_(in_window[sel][None, :, :, None])
         vertical[:, sel] = p.sum(-2)
         slash[:, sel] = diagonal_sums(p)
     return vertical, slash
+
+
+def _kv_chunks(heads: list[int], group: int, bytes_per_head: int, budget: int = 1 << 28):
+    """Runs of consecutive KV heads that select the same number of query heads, within a memory budget.
+
+    Yields (first KV head, last KV head + 1, positions in ``heads`` in KV-head order), so one batched matmul per run
+    serves every selected query head of those KV heads without repeating K.
+    """
+    by_kv: dict[int, list[int]] = {}
+    for i, h in enumerate(heads):
+        by_kv.setdefault(h // group, []).append(i)
+    run: list[int] = []
+    for kv in sorted(by_kv):
+        fits = (len(run) + 1) * len(by_kv[kv]) * bytes_per_head <= budget
+        if run and (kv != run[-1] + 1 or len(by_kv[kv]) != len(by_kv[run[0]]) or not fits):
+            yield run[0], run[-1] + 1, [i for r in run for i in by_kv[r]]
+            run = []
+        run.append(kv)
+    if run:
+        yield run[0], run[-1] + 1, [i for r in run for i in by_kv[r]]
 
 
 def diagonal_sums(p: torch.Tensor) -> torch.Tensor:
@@ -134,21 +208,66 @@ def diagonal_sums(p: torch.Tensor) -> torch.Tensor:
 
 
 def vertical_slash_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: float, starts: torch.Tensor):
-    """Columns (local) and slash offsets of the vertical-slash heads: two [B, h, n] tensors, -1 = none."""
+    """Columns and block diagonals of the vertical-slash heads.
+
+    Returns:
+        cols: [B, h, V] local key columns, -1 = none. diag: [B, h, N] bool block diagonals covering the chosen slashes.
+    """
+    B, _, Sq, _ = q.shape
     Sk = k.shape[2]
     vertical, slash = vertical_slash_scores(q, k, heads, [s.params["last_q"] for s in specs], scale, starts)
     local = torch.arange(Sk, device=q.device)[None, :] - starts[:, None]  # [B, Sk] local column of each key
     vertical = vertical.masked_fill((local < 0)[:, None], float("-inf"))
-    forced_v = torch.tensor([s.params["force_vertical"] for s in specs], device=q.device)
+    forced_v = const([s.params["force_vertical"] for s in specs], q.device)
     vertical = vertical.masked_fill((local >= 0)[:, None] & (local[:, None] < forced_v[:, None]), float("inf"))
     cols = _topk_budget(vertical, [s.budget("vertical", Sk) for s in specs])
     cols = torch.where(cols >= 0, cols - starts[:, None, None], -1)
 
     offsets = torch.arange(Sk, device=q.device)
-    slash = slash.masked_fill((offsets[None, :] > Sk - 1 - starts[:, None])[:, None], float("-inf"))
-    forced_s = torch.tensor([s.params["force_slash"] for s in specs], device=q.device)
-    slash = slash.masked_fill(offsets[None, None, :] < forced_s[None, :, None], float("inf"))
-    return cols, _topk_budget(slash, [s.budget("slash", Sk) for s in specs])
+    exists = (offsets[None, :] <= Sk - 1 - starts[:, None])[:, None]  # [B, 1, Sk]: offsets some query can have
+    forced_s = const([s.params["force_slash"] for s in specs], q.device)
+    forced = offsets[None, None, :] < forced_s[None, :, None]  # [1, h, Sk]
+    diag = torch.zeros(B, len(heads), cdiv(Sk, BLOCK), dtype=torch.bool, device=q.device)
+    for select in ("token", "block"):
+        sel = [i for i, s in enumerate(specs) if s.params["slash_select"] == select]
+        if not sel:
+            continue
+        idx = const(sel, q.device)
+        budgets = [specs[i].budget("slash", Sk) for i in sel]
+        if select == "token":  # MInference: the top offsets, each costing the key blocks it crosses
+            scores = slash[:, idx].masked_fill(~exists, float("-inf")).masked_fill(forced[:, idx], float("inf"))
+            diag[:, idx] = slash_diagonals(_topk_budget(scores, budgets), Sq, Sk, starts)
+        else:  # the block diagonals that cover the most slash mass, as many as the budget's worth of key blocks
+            mass = block_diagonal_mass(slash[:, idx] * exists, Sq, Sk, starts)
+            keep = slash_diagonals(torch.where(forced[:, idx], offsets, -1).expand(B, -1, -1), Sq, Sk, starts)
+            per_head = [cdiv(n, BLOCK) + cdiv(specs[i].params["force_slash"], BLOCK) + 1 for n, i in zip(budgets, sel)]
+            mass = mass.masked_fill(mass <= 0, float("-inf")).masked_fill(keep, float("inf"))
+            picked = _topk_budget(mass, per_head)
+            chosen = torch.zeros_like(keep).scatter_(2, picked.clamp(min=0), picked >= 0)
+            diag[:, idx] = chosen | keep
+    return cols, diag
+
+
+def block_diagonal_mass(slash: torch.Tensor, q_len: int, kv_len: int, starts: torch.Tensor) -> torch.Tensor:
+    """[B, h, Sk] slash scores by offset -> [B, h, N] the share of them each block diagonal covers.
+
+    Block diagonal d of query block m is key block base(m) - d. Row i of the block (local position p0 + i) meets it
+    at offsets o with floor((r + i - o) / BLOCK) = top - d, r = p0 % BLOCK, top = ceil(r / BLOCK)-ish as in
+    :func:`~sparse_prefill.index.slash_diagonals`: an offset range per row, summed from prefix sums and averaged
+    over the BLOCK rows. Independent of m, like the diagonals themselves.
+    """
+    B, h, Sk = slash.shape
+    n = cdiv(kv_len, BLOCK)
+    _, off = query_offsets(q_len, kv_len, starts)
+    r = (off % BLOCK)[:, None, None]  # [B, 1, 1]
+    top = (r + BLOCK - 1) // BLOCK
+    t = top - torch.arange(n, device=slash.device)[None, :, None]  # [B, N, 1]
+    first = r + torch.arange(BLOCK, device=slash.device)[None, None, :] - BLOCK * t  # [B, N, BLOCK]: highest offset
+    hi = (first + 1).clamp(0, Sk)  # exclusive end in the prefix sums
+    lo = torch.minimum((first - (BLOCK - 1)).clamp(0, Sk), hi)
+    prefix = F.pad(slash.cumsum(-1), (1, 0))  # [B, h, Sk + 1]
+    take = lambda x: prefix.gather(-1, x.flatten(1)[:, None, :].expand(-1, h, -1))  # noqa: E731
+    return ((take(hi) - take(lo)).view(B, h, n, BLOCK).sum(-1) / BLOCK).float()
 
 
 def _mean_pool(x: torch.Tensor) -> torch.Tensor:
@@ -168,20 +287,22 @@ def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: floa
     M, N = cdiv(Sq, BLOCK), cdiv(Sk, BLOCK)
     budgets = [s.budget("top_k", N) for s in specs]
     out = torch.full((B, H, M, min(max(budgets), N)), -1, dtype=torch.long, device=q.device)
-    starts = torch.tensor(kv_start, device=q.device)
-    q_start, off = query_offsets(Sq, Sk, starts)
+    starts = const(kv_start, q.device)
+    _, off = query_offsets(Sq, Sk, starts)
     base = block_bases(Sq, Sk, starts)
-    heads_t = torch.tensor(heads, device=q.device)
     for b in range(B):
-        pq = _mean_pool(q[b, heads_t, int(q_start[b]) :])  # [h, Mb, D]
-        pk = _mean_pool(k[b, :, kv_start[b] :])[heads_t // group]  # [h, Nb, D], pooled once per KV head
-        scores = (pq @ pk.transpose(-1, -2)) * scale  # [h, Mb, Nb]
-        Mb, Nb = scores.shape[1:]
+        pooled_k = _mean_pool(k[b, :, kv_start[b] :])  # [Hkv, Nb, D], pooled once per KV head
+        qs = max(0, kv_start[b] - (Sk - Sq))  # first valid query row
+        Mb, Nb = cdiv(Sq - qs, BLOCK), pooled_k.shape[1]
         j = torch.arange(Nb, device=q.device)
         top = base[b, :Mb, None]
         own = (off[b] + torch.arange(Mb, device=q.device) * BLOCK)[:, None] // BLOCK  # block of the first row
-        scores = scores.masked_fill(j[None, :] > top, float("-inf"))
-        scores = scores.masked_fill((j[None, :] >= own) & (j[None, :] <= top), float("inf"))
-        picked = _topk_budget(scores, budgets, head_dim=0)
-        out[b, heads_t, :Mb, : picked.shape[-1]] = picked
+        for kv0, kv1, sel in _kv_chunks(heads, group, Mb * Nb * 4):
+            rows = const([heads[i] for i in sel], q.device)
+            pq = _mean_pool(q[b, :, qs:].index_select(0, rows)).unflatten(0, (kv1 - kv0, -1))  # [kv, g, Mb, D]
+            scores = (pq @ pooled_k[kv0:kv1, None].transpose(-1, -2)).flatten(0, 1) * scale  # [h, Mb, Nb]
+            scores = scores.masked_fill(j[None, :] > top, float("-inf"))
+            scores = scores.masked_fill((j[None, :] >= own) & (j[None, :] <= top), float("inf"))
+            picked = _topk_budget(scores, [budgets[i] for i in sel], head_dim=0)
+            out[b, rows, :Mb, : picked.shape[-1]] = picked
     return out

@@ -12,6 +12,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import ATTN_NAME, LAYERS, LayerRecord, LayerState, PatchState, sparse_prefill_attention
 from .config import ConfigError, HeadSpec, ModelInfo, SparseConfig, load_config
+from .estimate import LayerPlan
 from .patches import adapter_for
 
 BACKENDS = ("auto", "triton", "torch")
@@ -106,10 +107,12 @@ def patch_model(
     if model in _PATCHED:
         _drop_layers(model)
     state = PatchState(min_seq_len=cfg.min_seq_len if min_seq_len is None else min_seq_len, backend=backend)
-    dense = HeadSpec("dense")
+    dense = [HeadSpec("dense")] * info.num_heads
+    plans: dict[str, LayerPlan] = {}  # layers with the same head specs share a plan, and so its cached indices
     for layer, module in enumerate(modules):
-        heads = [dense] * info.num_heads if layer in dense_layers else cfg.layers[layer]
-        LAYERS[module] = LayerState(layer, heads, state)
+        heads = dense if layer in dense_layers else cfg.layers[layer]
+        plan = plans.setdefault(json.dumps([h.to_dict() for h in heads]), LayerPlan(heads))
+        LAYERS[module] = LayerState(layer, plan, state)
     _PATCHED[model] = (previous, state, modules)
     model.set_attn_implementation(ATTN_NAME)
     return cfg

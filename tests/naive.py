@@ -89,3 +89,18 @@ def block_sparse_sets(q, k, h, b, top_k, scale, start, q_len_start):
         ranked = sorted(scores, key=lambda j: -scores[j])
         out.append(set(ranked[:top_k]))
     return out
+
+
+def block_mass(slash, q_len: int, kv_len: int, start: int) -> dict[int, float]:
+    """Slash mass per block diagonal: each row of a full query block far from the start adds the offsets that land
+    in each key block, and the block's rows are averaged."""
+    _, first_pos = frame(q_len, kv_len, start)
+    m = 10_000
+    base = (first_pos + m * BLOCK + BLOCK - 1) // BLOCK
+    mass: dict[int, float] = {}
+    for i in range(BLOCK):
+        p = first_pos + m * BLOCK + i
+        for o in range(len(slash)):
+            d = base - (p - o) // BLOCK
+            mass[d] = mass.get(d, 0.0) + float(slash[o]) / BLOCK
+    return mass

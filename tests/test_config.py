@@ -67,6 +67,7 @@ BAD = [
     (("layers", 0, 0, "force_vertical"), 65, "layers[0][0].force_vertical: must not exceed vertical=64"),
     (("layers", 0, 0, "top_k"), 3, "layers[0][0].top_k: unknown parameter for vertical_slash"),
     (("layers", 0, 2, "top_k"), 0.0, "layers[0][2].top_k: must be a positive integer or a fraction"),
+    (("layers", 0, 0, "slash_select"), "tile", "layers[0][0].slash_select: must be one of ('token', 'block')"),
     (("layers", 0, 1, "local"), -1, "layers[0][1].local: must be a positive integer"),
     (("defaults", "a_shape", "sink"), 0, "defaults.a_shape.sink: must be a positive integer"),
     (("defaults", "spiral"), {}, "defaults.spiral: unknown pattern 'spiral'"),

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from naive import block_sparse_sets, slash_block_diagonals, top_set, vertical_slash_scores
+from naive import block_mass, block_sparse_sets, slash_block_diagonals, top_set, vertical_slash_scores
 
 from conftest import spec
 from sparse_prefill.estimate import build_index, diagonal_sums
@@ -26,8 +26,8 @@ def test_diagonal_sums_is_a_sum_along_each_diagonal():
 @pytest.mark.parametrize("q_len,kv_len,starts", [(200, 200, [0]), (230, 230, [0, 70]), (90, 260, [0, 200])])
 @pytest.mark.parametrize("group", [1, 3])
 def test_vertical_slash_picks_the_top_columns_and_diagonals(q_len, kv_len, starts, group):
-    heads = [spec("vertical_slash", vertical=9 + h, slash=20 - 3 * h, last_q=24 + 8 * h, force_vertical=3, force_slash=5)
-             for h in range(group * 2)]
+    heads = [spec("vertical_slash", vertical=9 + h, slash=20 - 3 * h, last_q=24 + 8 * h, force_vertical=3, force_slash=5,
+                  slash_select="token") for h in range(group * 2)]
     q, k, _ = qkv(len(starts), len(heads), 2, q_len, kv_len, seed=group)
     index = build_index(q, k, heads, 0.3, starts)
     for b, start in enumerate(starts):
@@ -38,6 +38,23 @@ def test_vertical_slash_picks_the_top_columns_and_diagonals(q_len, kv_len, start
             diagonals = slash_block_diagonals(top_set(slash, s.params["slash"], 5), q_len, kv_len, start)
             n = index.diag_mask.shape[-1]
             assert set(torch.nonzero(index.diag_mask[b, h]).flatten().tolist()) == {d for d in diagonals if d < n}
+
+
+@pytest.mark.parametrize("q_len,kv_len,starts", [(700, 700, [0]), (650, 650, [0, 90]), (300, 700, [0, 450])])
+def test_block_slash_select_keeps_the_block_diagonals_with_most_slash_mass(q_len, kv_len, starts):
+    heads = [spec("vertical_slash", vertical=10, slash=100 + 64 * h, force_vertical=2, force_slash=3 + 70 * h)
+             for h in range(3)]
+    q, k, _ = qkv(len(starts), 3, 1, q_len, kv_len, seed=11)
+    index = build_index(q, k, heads, 0.3, starts)
+    for b, start in enumerate(starts):
+        for h, s in enumerate(heads):
+            _, slash = vertical_slash_scores(q, k, h, b, 64, 0.3, start)
+            mass = block_mass(slash, q_len, kv_len, start)
+            forced = slash_block_diagonals(range(s.params["force_slash"]), q_len, kv_len, start)
+            n = -(-s.params["slash"] // 64) + -(-s.params["force_slash"] // 64) + 1
+            ranked = sorted((d for d in mass if mass[d] > 0), key=lambda d: -mass[d])
+            want = {d for d in list(dict.fromkeys(sorted(forced) + ranked))[:n] if d < index.diag_mask.shape[-1]}
+            assert set(torch.nonzero(index.diag_mask[b, h]).flatten().tolist()) == want, (b, h)
 
 
 @pytest.mark.parametrize("q_len,kv_len,starts", [(200, 200, [0]), (260, 260, [0, 100]), (100, 230, [0, 170])])

@@ -187,3 +187,21 @@ def test_smollm2_sparse_answers_the_passkey(smollm2, passkey):
         unpatch_model(model)
     assert key in tok.decode(out[0, ids.shape[1]:])
     assert sum(density) / len(density) < 0.75
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_kernel_path_matches_the_torch_path(dtype):
+    model = tiny(head_dim=64).to("cuda", dtype)  # the kernels take head_dim 64 and 128
+    ids = torch.randint(0, 128, (2, 700), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :90] = 0
+    config = config_for(model, **SPARSE)
+    patch_model(model, config, backend="torch")
+    want = logits(model, ids, attention_mask=mask)
+    patch_model(model, config)  # auto: the Triton kernel on CUDA
+    got = logits(model, ids, attention_mask=mask)
+    assert {r.path for r in last_report(model)} == {"sparse"}
+    assert_close(got[0], want[0], 3e-2, 3e-2)
+    assert_close(got[1, 90:], want[1, 90:], 3e-2, 3e-2)
