@@ -7,7 +7,7 @@ one pattern per (layer, head)::
       "format": "sparse_prefill/1",
       "model": {"name": "SmolLM2-135M-Instruct", "model_type": "llama",
                 "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64},
-      "min_seq_len": 8192,
+      "min_seq_len": 32768,
       "defaults": {"vertical_slash": {"vertical": 1000, "slash": 6096}},
       "layers": [[{"pattern": "vertical_slash", "slash": 2048}, {"pattern": "dense"}, ...], ...],
       "provenance": {"tool": "sparse_prefill.calibrate", ...}
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "sparse_prefill/1"
-DEFAULT_MIN_SEQ_LEN = 8192
+DEFAULT_MIN_SEQ_LEN = 32768  # measured crossover, benchmarks/results/bench_layer_h200.md
 
 # Built-in parameters per pattern (MInference's defaults). Budgets may be fractions; the rest are integers.
 PATTERN_DEFAULTS: dict[str, dict[str, int | float | str]] = {

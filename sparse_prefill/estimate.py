@@ -173,7 +173,7 @@ def vertical_slash_scores(
     return vertical, slash
 
 
-def _kv_chunks(heads: list[int], group: int, bytes_per_head: int, budget: int = 1 << 28):
+def _kv_chunks(heads: list[int], group: int, bytes_per_head: int, budget: int = 1 << 26):
     """Runs of consecutive KV heads that select the same number of query heads, within a memory budget.
 
     Yields (first KV head, last KV head + 1, positions in ``heads`` in KV-head order), so one batched matmul per run

@@ -153,7 +153,7 @@ def test_bad_arguments():
 def test_default_config_without_a_shipped_one():
     model = tiny()
     config = patch_model(model)
-    assert config.min_seq_len == 8192
+    assert config.min_seq_len == 32768
     assert {s.pattern for heads in config.layers for s in heads} == {"vertical_slash"}
 
 
