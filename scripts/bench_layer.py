@@ -188,7 +188,6 @@ def main() -> None:
                                  "torch_bf16_err_vs_pattern": rel_err(torch_bf16, exact),
                                  "mem_mb": mem / 2**20, "mem_vs_cudnn": mem / mem_cudnn})
                     print(_line(rows[-1]), flush=True)
-                del q, k, v, ref
                 torch.cuda.empty_cache()
     write(rows, Path(args.out), device, versions)
 

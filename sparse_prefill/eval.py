@@ -41,7 +41,7 @@ from .tasks import TASKS, Haystack, Sample, make_samples, score
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALIASES = {"vs": "vertical_slash", "a": "a_shape", "block": "block_sparse"}
-MIN_LENGTH = 256  # room for the instructions of every task
+MIN_LENGTH = 512  # room for the instructions and the answer of every task
 
 
 # --------------------------------------------------------------------------------------------------- model runs
@@ -126,8 +126,9 @@ def evaluate(model, tokenizer, config: SparseConfig, samples: list[Sample], *, m
     unpatch_model(model)
     batches = []
     for s in samples:
-        if batches and len(batches[-1]) < batch_size and (batches[-1][0].task, batches[-1][0].length) == (s.task, s.length):
-            batches[-1].append(s)
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and (last[0].task, last[0].length) == (s.task, s.length):
+            last.append(s)
         else:
             batches.append([s])
     records = []
@@ -246,9 +247,10 @@ def summarize(records: list[dict], lengths: list[int], depths: list[float]) -> d
     }
     grid = None
     if "niah" in tasks:
-        grid = {"depths": depths, "lengths": lengths, **{
-            mode: [[mean(r[mode]["score"] for r in at(task="niah", length=n, depth=d)) for n in lengths] for d in depths]
-            for mode in ("dense", "patched")}}
+        grid = {"depths": depths, "lengths": lengths}
+        for mode in ("dense", "patched"):
+            grid[mode] = [[mean(r[mode]["score"] for r in at(task="niah", length=n, depth=d)) for n in lengths]
+                          for d in depths]
     per_length = {}
     for n in lengths:
         rs = at(length=n)
@@ -267,9 +269,8 @@ def summarize(records: list[dict], lengths: list[int], depths: list[float]) -> d
             "layer_density": [mean(x for r in rs for x in r["density"][i]) for i in layers],
             "layer_attn_rel_err": [mean(r["attn_rel_err"][i] for r in rs) for i in layers],
         }
-    longest = at(length=max(lengths))
-    head_density = [[mean(r["density"][i][h] for r in longest) for h in range(len(longest[0]["density"][i]))]
-                    for i in range(len(longest[0]["density"]))]
+    longest = [r["density"] for r in at(length=max(lengths))]  # [sample][layer][head]
+    head_density = [[mean(head) for head in zip(*layer)] for layer in zip(*longest)]
     return {"accuracy": accuracy, "needle_grid": grid, "per_length": per_length, "head_density": head_density,
             "head_density_length": max(lengths)}
 
@@ -284,18 +285,19 @@ def summary_markdown(results: dict) -> str:
         f"# sparse_prefill evaluation: {meta['model']}",
         "",
         f"- model: `{meta['model']}` ({_shape(meta['model_info'])})",
-        f"- config: {cfg['source']}; made for `{cfg['made_for']}`; patterns: {cfg['patterns']}; "
-        f"provenance: `{json.dumps(cfg['provenance'])}`",
+        (f"- config: {cfg['source']}; made for `{cfg['made_for']}`; patterns: {cfg['patterns']}; "
+         f"provenance: `{json.dumps(cfg['provenance'])}`"),
         f"- min_seq_len: {meta['min_seq_len']} (prompts with fewer keys run dense)",
-        f"- tasks: {', '.join(meta['tasks'])}; lengths: {', '.join(cols)}; needle depths: {meta['depths']}; "
-        f"samples: {meta['samples']} per needle cell / per task and length; seed {meta['seed']}; "
-        f"haystack: {meta['haystack']}",
-        f"- {meta['device']} {meta['dtype']}, {meta['threads']} torch threads, batch size {meta['batch_size']}; "
-        f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}",
+        (f"- tasks: {', '.join(meta['tasks'])}; lengths: {', '.join(cols)} (prompt + answer tokens); "
+         f"needle depths: {meta['depths']}; samples: {meta['samples']} per needle cell / per task and length; "
+         f"seed {meta['seed']}; haystack: {meta['haystack']}"),
+        (f"- {meta['device']} {meta['dtype']}, {meta['threads']} torch threads, batch size {meta['batch_size']}; "
+         f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}"),
         "",
         "## Accuracy (dense / patched)",
         "",
-        *_table(["task", *cols], [[task, *(_pair(row[str(n)]) for n in lengths)] for task, row in s["accuracy"].items()]),
+        *_table(["task", *cols], [[task, *(_pair(row[str(n)]) for n in lengths)]
+                                  for task, row in s["accuracy"].items()]),
     ]
     if s["needle_grid"]:
         grid = s["needle_grid"]
@@ -306,14 +308,14 @@ def summary_markdown(results: dict) -> str:
     per = s["per_length"]
     lines += [
         "", "## Fidelity, prefill latency and density", "",
-        "Top-1 agreement and KL(dense ‖ patched) over the dense answer (teacher-forced); attention error: relative L2 "
-        "of each layer's attention output, mean over layers (worst layer); prefill: median seconds of one forward of "
-        "the prompt (time to first token), warm-up excluded; density: computed tiles over causal tiles.",
+        ("Top-1 agreement and KL(dense ‖ patched) over the dense answer (teacher-forced); attention error: relative "
+         "L2 of each layer's attention output, mean over layers (worst layer); prefill: median seconds of one forward "
+         "of the prompt (time to first token), warm-up excluded; density: computed tiles over causal tiles."),
         "",
         *_table(["length", "samples", "top-1", "KL (nats)", "attn rel. err (worst layer)", "prefill dense s",
                  "prefill patched s", "speedup", "density"],
-                [[_k(n), p["samples"], _f(p["top1"]), _f(p["kl"], 4), f"{_f(p['attn_rel_err'], 4)} "
-                  f"({_f(max(p['layer_attn_rel_err']), 4)})", _f(p["prefill_dense_s"], 2),
+                [[_k(n), p["samples"], _f(p["top1"]), _f(p["kl"], 4),
+                  f"{_f(p['attn_rel_err'], 4)} ({_f(max(p['layer_attn_rel_err']), 4)})", _f(p["prefill_dense_s"], 2),
                   _f(p["prefill_patched_s"], 2), f"{p['speedup']:.2f}×", _f(p["density"])]
                  for n in lengths for p in [per[str(n)]]]),
         "", "## Per layer: density / attention rel. error", "",
@@ -353,7 +355,8 @@ def _shape(info: dict) -> str:
 
 def _layer_patterns(config: SparseConfig) -> list[str]:
     short = {"vertical_slash": "vs", "a_shape": "a", "block_sparse": "block", "dense": "dense"}
-    return [" ".join(f"{short[p]}×{c}" for p, c in Counter(h.pattern for h in layer).items()) for layer in config.layers]
+    return [" ".join(f"{short[p]}×{c}" for p, c in Counter(h.pattern for h in layer).items())
+            for layer in config.layers]
 
 
 def _dumps(obj, indent: str = "") -> str:
@@ -383,10 +386,9 @@ def write_outputs(results: dict, config: SparseConfig, out: Path) -> None:
         (tmp / "summary.md").write_text(summary_markdown(results))
         if s["needle_grid"]:
             grid = s["needle_grid"]
-            nan = float("nan")
-            needle_heatmap(grid["depths"], grid["lengths"],
-                           {m: [[nan if v is None else v for v in row] for row in grid[m]] for m in ("dense", "patched")},
-                           tmp / "needle_grid.png")
+            nan = float("nan")  # an empty cell
+            cells = {m: [[nan if v is None else v for v in row] for row in grid[m]] for m in ("dense", "patched")}
+            needle_heatmap(grid["depths"], grid["lengths"], cells, tmp / "needle_grid.png")
         pattern_map(config, tmp / "patterns.png", s["head_density"],
                     title=f"{results['meta']['config']['made_for']}: pattern per head, "
                     f"text = density at {_k(s['head_density_length'])} tokens")
@@ -457,18 +459,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparse config: a JSON file, or uniform-<pattern> (vs, a, block, or a pattern name: "
                    f"{', '.join(PATTERN_DEFAULTS)}); default: the shipped config for the model, else vertical-slash")
     p.add_argument("--tasks", type=_tasks, default=list(TASKS), help=f"comma list of {', '.join(TASKS)} (default all)")
-    p.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="prompt lengths in tokens, e.g. 1k,2k,4k")
+    p.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096],
+                   help="lengths in tokens (prompt + answer), e.g. 1k,2k,4k")
     p.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                    help="needle depths of the niah grid, e.g. 0,0.25,0.5,0.75,1")
     p.add_argument("--samples", type=_at_least(1), default=1,
                    help="samples per niah (depth, length) cell and per other task and length")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated prompts (default 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default float32)")
     p.add_argument("--haystack", type=Path, default=None,
                    help="text file whose sentences fill the context (default: built-in English-like filler)")
     p.add_argument("--out", type=Path, default=Path("eval-results"), help="output folder (default eval-results)")
-    p.add_argument("--batch-size", type=_at_least(1), default=1)
+    p.add_argument("--batch-size", type=_at_least(1), default=1,
+                   help="prompts per forward, of one task and length, left-padded (default 1)")
     p.add_argument("--min-seq-len", type=_at_least(0), default=0,
                    help="prompts with fewer keys run dense (default 0: the sparse path on every prompt)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

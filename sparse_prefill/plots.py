@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
+
+from .config import PATTERN_DEFAULTS, HeadSpec, SparseConfig
 
 matplotlib.use("Agg")  # files only; no display needed (and none on servers)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from .config import PATTERN_DEFAULTS, HeadSpec, SparseConfig  # noqa: E402
 
 PATTERN_COLOURS = {"dense": "#9e9e9e", "a_shape": "#4c9be8", "vertical_slash": "#f28e2b", "block_sparse": "#59a14f"}
 SHORT = {"sink": "s", "local": "l", "vertical": "v", "slash": "d", "top_k": "k"}

@@ -19,44 +19,52 @@ import random
 import re
 import string
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .prompts import passkey_prompt
 
-# Word lists for the filler grammar, needle keys and the common-words task (about 450 distinct words).
-NOUNS = """
-anchor apple archive attic bakery balcony banner barn basket beacon bell bench blanket boat bottle bridge bucket
-cabin cable camera canal candle canyon carpet castle cathedral cellar chair chapel chimney clock cloud coast
-compass cottage courtyard crate creek cupboard curtain desk diary doorway dragon drawer drum engine factory farm
-feather fence ferry field flag flute forest fountain garden gate glacier globe harbor harvest helmet hill hive
-horizon island jacket journal kettle kitchen ladder lake lamp lantern letter library lighthouse map market
-meadow mill mirror monastery mountain museum needle notebook oak observatory orchard oven paddle painting palace
-parcel pasture pebble pencil piano pier pillow pine pipe plank pocket pond porch puzzle quarry quilt radio
-railway raven ribbon ridge river road rooftop rope saddle sail satchel scarf school shelf shell ship shovel
-signal silver skyline sled spoon spring staircase statue station stone storm stove stream street summit
-sundial swan table telescope tent theater thread tower tractor trail train tram tunnel umbrella valley vase
-village vineyard violin wagon wall wardrobe watch waterfall well whistle willow window windmill workshop
-""".split()
-ADJECTIVES = """
-ancient bitter bold brave brief bright broad busy calm careful cheerful clever cold crisp curious damp dark
-distant dusty eager early empty faint famous fierce fragile gentle golden grand green grey heavy hidden hollow
-humble icy kind large lively lonely loud lucky modest narrow neat noble odd old pale patient plain polished
-proud quiet rapid rare restless rough round rusty salty sharp shiny silent simple slow small smooth soft
-solemn sparse steady steep stern stormy strange sturdy sudden sunny swift tall tender thick thin tidy tiny
-tired vast velvet warm weary wild wise wooden worn young
-""".split()
-VERBS = """
-admired borrowed built carried cleaned copied counted covered crossed delivered described discovered drew
-emptied explored fixed folded followed found gathered guarded hid lifted measured mended moved noticed opened
-painted polished praised questioned raised recorded remembered repaired rescued returned sketched sold sorted
-studied swept tested traded visited washed watched weighed wrapped
-""".split()
-NAMES = """
-Ada Bruno Clara Dmitri Elena Farid Greta Hugo Ingrid Jonas Keiko Lucia Marco Nadia Oskar Priya Quentin Rosa
-Samuel Talia Ulrich Vera Walter Yusuf Zora
-""".split()
+# Word lists for the filler grammar, needle keys and the common-words task (320 distinct words).
+NOUNS = [
+    "anchor", "apple", "archive", "attic", "bakery", "balcony", "banner", "barn", "basket", "beacon", "bell", "bench",
+    "blanket", "boat", "bottle", "bridge", "bucket", "cabin", "cable", "camera", "canal", "candle", "canyon", "carpet",
+    "castle", "cathedral", "cellar", "chair", "chapel", "chimney", "clock", "cloud", "coast", "compass", "cottage",
+    "courtyard", "crate", "creek", "cupboard", "curtain", "desk", "diary", "doorway", "dragon", "drawer", "drum",
+    "engine", "factory", "farm", "feather", "fence", "ferry", "field", "flag", "flute", "forest", "fountain", "garden",
+    "gate", "glacier", "globe", "harbor", "harvest", "helmet", "hill", "hive", "horizon", "island", "jacket", "journal",
+    "kettle", "kitchen", "ladder", "lake", "lamp", "lantern", "letter", "library", "lighthouse", "map", "market",
+    "meadow", "mill", "mirror", "monastery", "mountain", "museum", "needle", "notebook", "oak", "observatory",
+    "orchard", "oven", "paddle", "painting", "palace", "parcel", "pasture", "pebble", "pencil", "piano", "pier",
+    "pillow", "pine", "pipe", "plank", "pocket", "pond", "porch", "puzzle", "quarry", "quilt", "radio", "railway",
+    "raven", "ribbon", "ridge", "river", "road", "rooftop", "rope", "saddle", "sail", "satchel", "scarf", "school",
+    "shelf", "shell", "ship", "shovel", "signal", "silver", "skyline", "sled", "spoon", "spring", "staircase", "statue",
+    "station", "stone", "storm", "stove", "stream", "street", "summit", "sundial", "swan", "table", "telescope", "tent",
+    "theater", "thread", "tower", "tractor", "trail", "train", "tram", "tunnel", "umbrella", "valley", "vase",
+    "village", "vineyard", "violin", "wagon", "wall", "wardrobe", "watch", "waterfall", "well", "whistle", "willow",
+    "window", "windmill", "workshop",
+]
+ADJECTIVES = [
+    "ancient", "bitter", "bold", "brave", "brief", "bright", "broad", "busy", "calm", "careful", "cheerful", "clever",
+    "cold", "crisp", "curious", "damp", "dark", "distant", "dusty", "eager", "early", "empty", "faint", "famous",
+    "fierce", "fragile", "gentle", "golden", "grand", "green", "grey", "heavy", "hidden", "hollow", "humble", "icy",
+    "kind", "large", "lively", "lonely", "loud", "lucky", "modest", "narrow", "neat", "noble", "odd", "old", "pale",
+    "patient", "plain", "polished", "proud", "quiet", "rapid", "rare", "restless", "rough", "round", "rusty", "salty",
+    "sharp", "shiny", "silent", "simple", "slow", "small", "smooth", "soft", "solemn", "sparse", "steady", "steep",
+    "stern", "stormy", "strange", "sturdy", "sudden", "sunny", "swift", "tall", "tender", "thick", "thin", "tidy",
+    "tiny", "tired", "vast", "velvet", "warm", "weary", "wild", "wise", "wooden", "worn", "young",
+]
+VERBS = [
+    "admired", "borrowed", "built", "carried", "cleaned", "copied", "counted", "covered", "crossed", "delivered",
+    "described", "discovered", "drew", "emptied", "explored", "fixed", "folded", "followed", "found", "gathered",
+    "guarded", "hid", "lifted", "measured", "mended", "moved", "noticed", "opened", "painted", "polished", "praised",
+    "questioned", "raised", "recorded", "remembered", "repaired", "rescued", "returned", "sketched", "sold", "sorted",
+    "studied", "swept", "tested", "traded", "visited", "washed", "watched", "weighed", "wrapped",
+]
+NAMES = [
+    "Ada", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ingrid", "Jonas", "Keiko", "Lucia", "Marco",
+    "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Samuel", "Talia", "Ulrich", "Vera", "Walter", "Yusuf", "Zora",
+]
 TIMES = [
     "In the spring", "Every morning", "Late one evening", "Long ago", "After the harvest", "Before dawn",
     "During the winter", "On market days", "Once a year", "That summer", "Most afternoons", "At first light",
@@ -97,7 +105,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class Task:
-    make: Callable[..., Sample]  # (tokenizer, length, depth, rng, haystack) -> Sample
+    make: Callable[..., Sample]  # (tokenizer, prompt tokens, depth, rng, haystack) -> Sample
     max_new_tokens: int
 
 
@@ -127,9 +135,9 @@ def _sentence(rng: random.Random) -> str:
     noun, noun2 = rng.sample(NOUNS, 2)
     name, name2 = rng.sample(NAMES, 2)
     adj = rng.choice(ADJECTIVES)
-    fields = dict(noun=noun, noun2=noun2, name=name, name2=name2, adj=adj, verb=rng.choice(VERBS),
-                  time=rng.choice(TIMES), a_adj=("an " if adj[0] in "aeiou" else "a ") + adj)
-    return rng.choice(TEMPLATES).format(**fields)
+    a_adj = ("an " if adj[0] in "aeiou" else "a ") + adj
+    return rng.choice(TEMPLATES).format(noun=noun, noun2=noun2, name=name, name2=name2, adj=adj, a_adj=a_adj,
+                                        verb=rng.choice(VERBS), time=rng.choice(TIMES))
 
 
 def chat(tokenizer, user: str, answer_prefix: str) -> str:
@@ -143,7 +151,7 @@ def n_tokens(tokenizer, text: str) -> int:
 
 
 def fit(tokenizer, length: int, build: Callable[[int], Sample]) -> Sample:
-    """The sample from ``build(n)`` with the most filler units ``n`` whose prompt fits in ``length`` tokens.
+    """``build(n)`` with as many filler units ``n`` as fit: the prompt is at most ``length`` tokens, and close to it.
 
     Token counts are measured, not guessed: a few secant steps on the tokens per unit, then shrink until it fits.
     """
@@ -191,7 +199,7 @@ def make_niah(tokenizer, length: int, depth: float, rng: random.Random, haystack
         if (key := _magic_key(rng)) not in keys:
             keys.append(key)
     values = [rng.randint(10**6, 10**7 - 1) for _ in keys]
-    needles = [(depth, _magic(keys[0], values[0]))] + [(rng.random(), _magic(k, v)) for k, v in zip(keys[1:], values[1:])]
+    needles = [(depth if i == 0 else rng.random(), _magic(k, v)) for i, (k, v) in enumerate(zip(keys, values))]
     stream = f"{rng.random()}"
     question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
     prefix = f"The special magic number for {keys[0]} mentioned in the provided text is"
@@ -301,17 +309,23 @@ def make_samples(
     haystack: Haystack | None = None,
 ) -> list[Sample]:
     """All prompts of a run: ``niah`` over depths × lengths × samples; other tasks ``samples`` per length at random
-    depths. Deterministic in ``seed``."""
+    depths. Deterministic in ``seed``.
+
+    A length counts the prompt and the answer tokens (as RULER does), so prompt and answer fit a model's context.
+    """
     haystack = haystack or Haystack()
     out = []
     for task in tasks:
+        spec = TASKS[task]
         for length in lengths:
             grid = depths if task == "niah" else [None]
             for depth in grid:
                 for i in range(samples):
                     rng = random.Random(f"{seed}:{task}:{length}:{depth}:{i}")
                     at = rng.random() if depth is None else depth
-                    out.append(TASKS[task].make(tokenizer, length, at, rng, haystack))
+                    sample = spec.make(tokenizer, length - spec.max_new_tokens, at, rng, haystack)
+                    sample.length = length
+                    out.append(sample)
     return out
 
 

@@ -1,0 +1,201 @@
+"""sparse-prefill-eval: task generators, the scorer, bad arguments, and a tiny end-to-end run (CPU, seconds)."""
+
+import json
+import random
+import re
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from sparse_prefill import ModelInfo, SparseConfig, save_config
+from sparse_prefill.eval import main
+from sparse_prefill.tasks import TASKS, Haystack, make_samples, n_tokens, score
+
+NEEDLE_TASKS = ["niah", "passkey", "multikey", "kv", "vt"]
+SMOLLM2_SHAPE = ModelInfo("SmolLM2-135M-Instruct", "llama", num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The SmolLM2 tokenizer alone, read from the embedded GGUF file (no weights)."""
+    from transformers import AutoTokenizer
+
+    from sparse_prefill.models import SMOLLM2_GGUF, smollm2_dir
+
+    try:
+        folder = smollm2_dir()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+
+
+def _save(tmp_path_factory, name, model, tokenizer):
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, tokenizer):
+    """A random 2-layer Llama with the SmolLM2 tokenizer, saved as a --model folder (context 2048)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id)
+    return _save(tmp_path_factory, "tiny-llama", LlamaForCausalLM(config), tokenizer)
+
+
+def _depth_in_context(prompt: str, text: str) -> float:
+    """Where ``text`` first occurs in the context, as a fraction of its characters. The context is the prompt's
+    longest line (its filler sentences are joined by spaces), or the JSON body for ``kv``."""
+    context = prompt[prompt.index("{\n") : prompt.index("\n}")] if "JSON data" in prompt else max(
+        prompt.split("\n"), key=len)
+    return context.index(text) / len(context)
+
+
+@pytest.mark.parametrize("task", NEEDLE_TASKS)
+def test_needle_sits_at_its_depth(tokenizer, task):
+    length = 2048
+    for depth in (0.0, 0.5, 1.0):
+        sample = TASKS[task].make(tokenizer, length, depth, random.Random(7), Haystack())
+        assert sample.task == task and sample.depth == depth
+        assert 0.9 * length <= n_tokens(tokenizer, sample.prompt) <= 1.02 * length
+        for answer in sample.answers:
+            assert answer in sample.prompt
+        assert _depth_in_context(sample.prompt, sample.answers[0]) == pytest.approx(depth, abs=0.02)
+
+
+def test_common_words_are_the_most_frequent(tokenizer):
+    (sample,) = make_samples(tokenizer, ["cwe"], [1024], [0.5], 1, seed=1)
+    listing = sample.prompt.split("Memorize the ones that appear most often.\n")[1].split("\nQuestion")[0]
+    counts = Counter(re.findall(r"\d+\. ([a-z]+)", listing))
+    assert sample.depth is None and len(sample.answers) == 10
+    assert min(counts[w] for w in sample.answers) > max(c for w, c in counts.items() if w not in sample.answers)
+
+
+def test_prompt_and_answer_fit_the_length(tokenizer):
+    for sample in make_samples(tokenizer, list(TASKS), [1024], [0.5], 1, seed=2):
+        total = n_tokens(tokenizer, sample.prompt) + TASKS[sample.task].max_new_tokens
+        assert sample.length == 1024 and 0.9 * 1024 <= total <= 1.02 * 1024  # passkey_prompt's length is approximate
+
+
+def test_samples_are_deterministic_in_the_seed(tokenizer):
+    def prompts(seed):
+        return [s.prompt for s in make_samples(tokenizer, list(TASKS), [512], [0.0, 1.0], 2, seed)]
+
+    assert prompts(3) == prompts(3)
+    assert all(a != b for a, b in zip(prompts(3), prompts(4)))
+
+
+def test_user_haystack_fills_the_context(tokenizer, tmp_path):
+    path = tmp_path / "hay.txt"
+    path.write_text("Zebras cross the road at noon. " * 5 + "Owls read maps by moonlight. " * 5)
+    (sample,) = make_samples(tokenizer, ["niah"], [512], [0.5], 1, seed=0, haystack=Haystack(path))
+    assert "Zebras cross the road at noon." in sample.prompt and "Owls read maps" in sample.prompt
+    assert _depth_in_context(sample.prompt, sample.answers[0]) == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    "prediction, answers, expected",
+    [
+        (" 1234567.", ["1234567"], 1.0),
+        ("The number is 7654321", ["1234567"], 0.0),
+        ("abcde-FGH", ["abcde-fgh"], 1.0),  # case-insensitive
+        (" QWERT, ASDFG and ZXCVB", ["QWERT", "ASDFG", "ZXCVB", "POIUY"], 0.75),  # RULER partial credit
+        ("1. lantern 2. river", ["lantern", "river", "harbor", "bell"], 0.5),
+        ("", ["x"], 0.0),
+    ],
+)
+def test_score(prediction, answers, expected):
+    assert score(prediction, answers) == expected
+
+
+def _fails(argv, capsys, argument):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {argument}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, argument",
+    [
+        (["--tasks", "niah,bogus"], "--tasks"),
+        (["--lengths", "1k,abc"], "--lengths"),
+        (["--lengths", "256"], "--lengths"),
+        (["--depths", "0,1.5"], "--depths"),
+        (["--samples", "0"], "--samples"),
+        (["--haystack", "{tmp}/missing.txt"], "--haystack"),
+        (["--haystack", "{tmp}/empty.txt"], "--haystack"),
+        (["--config", "{tmp}/missing.json"], "--config"),
+        (["--config", "uniform-bogus", "--model", "{llama}"], "--config"),
+        (["--model", "{tmp}/no-such-model"], "--model"),
+    ],
+)
+def test_bad_arguments_exit_2_and_write_nothing(args, argument, tmp_path, capsys, request):
+    llama = request.getfixturevalue("tiny_llama") if "{llama}" in args else ""
+    (tmp_path / "empty.txt").write_text(" \n")
+    out = tmp_path / "out"
+    _fails([a.format(tmp=tmp_path, llama=llama) for a in args] + ["--out", str(out)], capsys, argument)
+    assert not out.exists()
+
+
+def test_model_that_cannot_be_patched(tmp_path_factory, tokenizer, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=1024))
+    folder = _save(tmp_path_factory, "gpt2", gpt2, tokenizer)
+    out = tmp_path_factory.mktemp("out")
+    (out / "keep.txt").write_text("old")
+    _fails(["--model", str(folder), "--out", str(out), "--lengths", "512"], capsys, "--model")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_config_or_length_that_does_not_fit_the_model(tiny_llama, tmp_path, capsys):
+    config = tmp_path / "smollm2.json"
+    save_config(SparseConfig.uniform(SMOLLM2_SHAPE), config)
+    out = tmp_path / "out"
+    _fails(["--model", str(tiny_llama), "--config", str(config), "--out", str(out)], capsys, "--config")
+    _fails(["--model", str(tiny_llama), "--lengths", "4k", "--out", str(out)], capsys, "--lengths")
+    assert not out.exists()
+
+
+def test_end_to_end_tiny_model(tiny_llama, tmp_path, capsys):
+    # Budgets as fractions of the keys, so the tiny prompts really run sparse.
+    config = tmp_path / "tiny.json"
+    info = ModelInfo(tiny_llama.name, "llama", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    save_config(SparseConfig.uniform(info, "vertical_slash", vertical=0.1, slash=0.1), config)
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_llama), "--config", str(config), "--tasks", "niah,kv,cwe", "--lengths", "512,1k",
+            "--depths", "0,1", "--samples", "1", "--batch-size", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["needle_grid.png", "patterns.png", "results.json", "summary.md"]
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"meta", "summary", "samples"}
+    assert set(results["summary"]) >= {"accuracy", "needle_grid", "per_length", "head_density"}
+    assert len(results["samples"]) == 2 * 2 + 2 + 2  # niah: depths × lengths; kv and cwe: one per length
+    for record in results["samples"]:
+        assert set(record) >= {"task", "length", "depth", "answers", "dense", "patched", "top1", "kl",
+                               "attn_rel_err", "density", "sparse_layers"}
+        assert record["sparse_layers"] == 2 and len(record["attn_rel_err"]) == 2
+        assert 0 <= record["top1"] <= 1 and record["kl"] >= -1e-6
+        assert set(record["dense"]) == {"prediction", "score", "prefill_s"}
+    per_length = results["summary"]["per_length"]
+    assert set(per_length) == {"512", "1024"} and per_length["1024"]["density"] < 1.0
+    grid = results["summary"]["needle_grid"]
+    assert grid["depths"] == [0.0, 1.0] and len(grid["patched"]) == 2 and len(grid["patched"][0]) == 2
+
+    for png in ("needle_grid.png", "patterns.png"):
+        with Image.open(out / png) as image:
+            image.verify()
+            assert image.format == "PNG" and min(image.size) > 100
+    summary = (out / "summary.md").read_text()
+    assert "## Accuracy (dense / patched)" in summary
+    for row in ("| task | 512 | 1k |", "| niah |", "| kv |", "| cwe |", "| 1k | 4 |"):
+        assert row in summary
