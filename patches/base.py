@@ -35,9 +35,7 @@ class Adapter:
         try:
             layers = model.model.layers
         except AttributeError as e:
-            raise UnsupportedModelError(
-                f"{type(model).__name__}: expected decoder layers at model.model.layers"
-            ) from e
+            raise UnsupportedModelError(f"{type(model).__name__}: expected decoder layers at model.model.layers") from e
         return [layer.self_attn for layer in layers]
 
     def dense_layers(self, model) -> set[int]:

@@ -10,7 +10,8 @@ on synthetic indices at fixed tile densities (share of the causal 64x64 tiles it
 * ``vs``: a few diagonals plus single columns (vertical-slash), exercising the gathered column loop;
 * ``blocks``: random causal block lists with the own block (block-sparse).
 
-Reported per row: median ms (triton.testing.do_bench_cudagraph), TFLOP/s over the tiles actually computed (4·D·64·64 FLOPs per
+Reported per row: median ms (triton.testing.do_bench_cudagraph), TFLOP/s over the tiles actually computed
+(4·D·64·64 FLOPs per
 tile for the kernel, 4·D·S²/2 per head for causal SDPA), speed-up over cuDNN, and per-tile efficiency = kernel
 TFLOP/s / cuDNN TFLOP/s (1.0 means a computed tile costs what a cuDNN tile costs). The cuDNN baseline is the faster
 of its enable_gqa call and a call on K/V repeated to all query heads.
@@ -136,8 +137,10 @@ def write_results(rows: list[dict], meta: dict, out: Path) -> None:
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['S']} | {r['provider']} | {r['density']:.3f} | {r['ms']:.3f} | "
-                     f"{r['tflops']:.1f} | {r['speedup']:.2f} | {r['efficiency']:.2f} |")
+        lines.append(
+            f"| {r['shape']} | {r['S']} | {r['provider']} | {r['density']:.3f} | {r['ms']:.3f} | "
+            f"{r['tflops']:.1f} | {r['speedup']:.2f} | {r['efficiency']:.2f} |"
+        )
     (out / "bench_kernels.md").write_text("\n".join(lines) + "\n")
 
 
@@ -170,7 +173,10 @@ def main() -> int:
             v = torch.randn(1, Hkv, S, D, generator=g, device=device, dtype=torch.bfloat16)
             dense_flops = 4 * D * S * S / 2 * Hq
             base_ms = float("inf")  # cuDNN, the faster of its GQA and repeated-K/V calls
-            for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+            for name, backend in (
+                ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+                ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+            ):
                 if name == "sdpa-flash" and S > args.flash_max:
                     continue
                 runners = list(sdpa_runners(backend, q, k, v).items())
@@ -178,8 +184,16 @@ def main() -> int:
                     ms = bench(run)
                     if name == "sdpa-cudnn":
                         base_ms = min(ms, base_ms)
-                    rows.append({"shape": shape, "S": S, "provider": name + note, "density": 1.0, "ms": ms,
-                                 "tflops": dense_flops / ms / 1e9})
+                    rows.append(
+                        {
+                            "shape": shape,
+                            "S": S,
+                            "provider": name + note,
+                            "density": 1.0,
+                            "ms": ms,
+                            "tflops": dense_flops / ms / 1e9,
+                        }
+                    )
                 torch.cuda.empty_cache()
             base_ms = base_ms if base_ms < float("inf") else float("nan")  # no cuDNN: NaN speed-ups
             cudnn_tflops = dense_flops / base_ms / 1e9
@@ -191,15 +205,26 @@ def main() -> int:
                 N = index.num_k_blocks
                 flops = float(density.sum()) * N * (N + 1) / 2 * 4 * D * 64 * 64
                 ms = bench(partial(sparse_attention_triton, q, k, v, index, D**-0.5, out=out))
-                rows.append({"shape": shape, "S": S, "provider": f"triton-{pattern}", "density": float(density.mean()),
-                             "ms": ms, "tflops": flops / ms / 1e9})
+                rows.append(
+                    {
+                        "shape": shape,
+                        "S": S,
+                        "provider": f"triton-{pattern}",
+                        "density": float(density.mean()),
+                        "ms": ms,
+                        "tflops": flops / ms / 1e9,
+                    }
+                )
             for r in rows:
                 if r["shape"] == shape and r["S"] == S:
                     r["speedup"] = base_ms / r["ms"]
                     r["efficiency"] = r["tflops"] / cudnn_tflops
             for r in [r for r in rows if r["shape"] == shape and r["S"] == S]:
-                print(f"{shape:10s} S={S:6d} {r['provider']:28s} density {r['density']:.3f} {r['ms']:9.3f} ms "
-                      f"{r['tflops']:6.1f} TFLOP/s  x{r['speedup']:.2f}  eff {r['efficiency']:.2f}", flush=True)
+                print(
+                    f"{shape:10s} S={S:6d} {r['provider']:28s} density {r['density']:.3f} {r['ms']:9.3f} ms "
+                    f"{r['tflops']:6.1f} TFLOP/s  x{r['speedup']:.2f}  eff {r['efficiency']:.2f}",
+                    flush=True,
+                )
             torch.cuda.empty_cache()
             write_results(rows, meta, args.out)
 

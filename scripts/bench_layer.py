@@ -163,10 +163,27 @@ def main() -> None:
                 mem_cudnn = peak_extra(lambda: dense(q, k, v, SDPBackend.CUDNN_ATTENTION))
                 t_flash = bench(lambda: dense(q, k, v, SDPBackend.FLASH_ATTENTION))
                 base = dict(shape=shape, S=S, input=kind, device=device, versions=versions)
-                rows.append({**base, "provider": "sdpa_cudnn", "ms": t_cudnn, "speedup": 1.0, "density": 1.0,
-                             "tflops": causal_flops / t_cudnn / 1e9, "mem_mb": mem_cudnn / 2**20})
-                rows.append({**base, "provider": "sdpa_flash", "ms": t_flash, "speedup": t_cudnn / t_flash,
-                             "density": 1.0, "tflops": causal_flops / t_flash / 1e9})
+                rows.append(
+                    {
+                        **base,
+                        "provider": "sdpa_cudnn",
+                        "ms": t_cudnn,
+                        "speedup": 1.0,
+                        "density": 1.0,
+                        "tflops": causal_flops / t_cudnn / 1e9,
+                        "mem_mb": mem_cudnn / 2**20,
+                    }
+                )
+                rows.append(
+                    {
+                        **base,
+                        "provider": "sdpa_flash",
+                        "ms": t_flash,
+                        "speedup": t_cudnn / t_flash,
+                        "density": 1.0,
+                        "tflops": causal_flops / t_flash / 1e9,
+                    }
+                )
                 sample = sampled_rows(S).cuda()
                 for name, spec in PATTERNS.items():
                     heads = [spec] * H
@@ -175,18 +192,31 @@ def main() -> None:
                     t_index = bench(lambda: build_index(q, k, heads, scale, [0]))
                     t_kernel = bench(lambda: sparse_attention_triton(q, k, v, index, scale))
                     t_all = bench(lambda: sparse_attention_triton(q, k, v, build_index(q, k, heads, scale, [0]), scale))
-                    mem = peak_extra(lambda: sparse_attention_triton(q, k, v, build_index(q, k, heads, scale, [0]), scale))
+                    mem = peak_extra(
+                        lambda: sparse_attention_triton(q, k, v, build_index(q, k, heads, scale, [0]), scale)
+                    )
                     density = float(tile_density(index).mean())
                     exact = exact_rows(q, k, v, index, sample, scale)
                     torch_bf16 = exact_rows(q, k, v, index, sample, scale, dtype=torch.bfloat16)
                     tiles = density * (S / 64) * (S / 64 + 1) / 2 * H
-                    rows.append({**base, "provider": name, "ms": t_all, "index_ms": t_index, "kernel_ms": t_kernel,
-                                 "speedup": t_cudnn / t_all, "kernel_speedup": t_cudnn / t_kernel, "density": density,
-                                 "tflops": tiles * 4 * D * 64 * 64 / t_kernel / 1e9,
-                                 "err_vs_dense": rel_err(out[0, sample], ref[0, sample]),
-                                 "err_vs_pattern": rel_err(out[0, sample], exact),
-                                 "torch_bf16_err_vs_pattern": rel_err(torch_bf16, exact),
-                                 "mem_mb": mem / 2**20, "mem_vs_cudnn": mem / mem_cudnn})
+                    rows.append(
+                        {
+                            **base,
+                            "provider": name,
+                            "ms": t_all,
+                            "index_ms": t_index,
+                            "kernel_ms": t_kernel,
+                            "speedup": t_cudnn / t_all,
+                            "kernel_speedup": t_cudnn / t_kernel,
+                            "density": density,
+                            "tflops": tiles * 4 * D * 64 * 64 / t_kernel / 1e9,
+                            "err_vs_dense": rel_err(out[0, sample], ref[0, sample]),
+                            "err_vs_pattern": rel_err(out[0, sample], exact),
+                            "torch_bf16_err_vs_pattern": rel_err(torch_bf16, exact),
+                            "mem_mb": mem / 2**20,
+                            "mem_vs_cudnn": mem / mem_cudnn,
+                        }
+                    )
                     print(_line(rows[-1]), flush=True)
                 torch.cuda.empty_cache()
     write(rows, Path(args.out), device, versions)
@@ -210,13 +240,32 @@ def exact_rows(q, k, v, index, rows, scale, dtype=torch.float32) -> torch.Tensor
 
 
 def _line(r: dict) -> str:
-    return (f"{r['shape']:>10} {r['S']:>7} {r['input']:>10} {r['provider']:>15} {r['ms']:9.2f} ms "
-            f"x{r['speedup']:5.2f} density {r['density']:.3f} err {r.get('err_vs_dense', 0):.3g}")
+    return (
+        f"{r['shape']:>10} {r['S']:>7} {r['input']:>10} {r['provider']:>15} {r['ms']:9.2f} ms "
+        f"x{r['speedup']:5.2f} density {r['density']:.3f} err {r.get('err_vs_dense', 0):.3g}"
+    )
 
 
-COLUMNS = ["shape", "S", "input", "provider", "ms", "index_ms", "kernel_ms", "speedup", "kernel_speedup", "density",
-           "tflops", "err_vs_dense", "err_vs_pattern", "torch_bf16_err_vs_pattern", "mem_mb", "mem_vs_cudnn",
-           "device", "versions"]
+COLUMNS = [
+    "shape",
+    "S",
+    "input",
+    "provider",
+    "ms",
+    "index_ms",
+    "kernel_ms",
+    "speedup",
+    "kernel_speedup",
+    "density",
+    "tflops",
+    "err_vs_dense",
+    "err_vs_pattern",
+    "torch_bf16_err_vs_pattern",
+    "mem_mb",
+    "mem_vs_cudnn",
+    "device",
+    "versions",
+]
 
 
 def write(rows: list[dict], out: Path, device: str, versions: str) -> None:
@@ -227,8 +276,11 @@ def write(rows: list[dict], out: Path, device: str, versions: str) -> None:
         for r in rows:
             w.writerow({c: (f"{r[c]:.4g}" if isinstance(r.get(c), float) else r.get(c, "")) for c in COLUMNS})
     shown = COLUMNS[:-2]
-    lines = [f"# One attention layer, whole sparse path vs SDPA\n\n{device}; {versions}\n",
-             "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines = [
+        f"# One attention layer, whole sparse path vs SDPA\n\n{device}; {versions}\n",
+        "| " + " | ".join(shown) + " |",
+        "|" + "---|" * len(shown),
+    ]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in shown) + " |")
     (out / "bench_layer.md").write_text("\n".join(lines) + "\n")

@@ -1,9 +1,9 @@
 """sparse_prefill: per-head dynamic sparse attention (MInference patterns) for HuggingFace transformers prefill.
 
-    from sparse_prefill import patch_model, unpatch_model
-    patch_model(model)            # shipped config for the model, else the default
-    model.generate(**long_prompt)  # prefill sparse, decode stock
-    unpatch_model(model)
+from sparse_prefill import patch_model, unpatch_model
+patch_model(model)            # shipped config for the model, else the default
+model.generate(**long_prompt)  # prefill sparse, decode stock
+unpatch_model(model)
 """
 
 from .config import ConfigError, HeadSpec, ModelInfo, SparseConfig, load_config, save_config

@@ -152,7 +152,9 @@ def sparse_prefill_attention(
     state = LAYERS.get(module)
     q_len, kv_len = query.shape[2], key.shape[2]
     if state is None or q_len == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     patch = state.patch
     record = LayerRecord(state.layer, "dense", q_len=q_len, kv_len=kv_len)
     patch.records[state.layer] = record

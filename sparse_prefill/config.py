@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,12 @@ PATTERN_DEFAULTS: dict[str, dict[str, int | float | str]] = {
     # `slash` top diagonals (MInference; each scattered one costs up to two key blocks per query block), "block" the
     # slash/64 block diagonals that cover the most slash mass (the kernel's cost, fixed by the budget).
     "vertical_slash": {
-        "vertical": 1000, "slash": 6096, "last_q": 64, "force_vertical": 30, "force_slash": 100, "slash_select": "block"
+        "vertical": 1000,
+        "slash": 6096,
+        "last_q": 64,
+        "force_vertical": 30,
+        "force_slash": 100,
+        "slash_select": "block",
     },
     # top-k key blocks per query block from mean-pooled q·k.
     "block_sparse": {"top_k": 100},
@@ -166,7 +172,8 @@ def save_config(config: SparseConfig, path: str | Path) -> None:
     """Write a config as JSON, one layer per line so diffs stay readable."""
     raw = config.to_dict()
     layers = raw.pop("layers")
-    body = json.dumps(raw, indent=2)[:-2]
+    # Arrays of numbers (per-head recall and density in provenance) on one line each.
+    body = re.sub(r"\[[-0-9.eE,\s]*\]", lambda m: " ".join(m.group(0).split()), json.dumps(raw, indent=2))[:-2]
     rows = ",\n".join("    " + json.dumps(heads) for heads in layers)
     Path(path).write_text(f'{body},\n  "layers": [\n{rows}\n  ]\n}}\n')
 

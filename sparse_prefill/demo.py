@@ -57,11 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"config: {config.model.name}, {config.provenance.get('tool', '?')}; patterns {', '.join(patterns)}")
     print(f"{'':8}{'answer':24}{'correct':>8}{'prefill s':>11}{'density':>9}")
     print(f"{'dense':8}{dense_answer[:22]:24}{str(key in dense_answer):>8}{dense_s:>11.2f}{1.0:>9.3f}")
-    print(f"{'sparse':8}{sparse_answer[:22]:24}{str(key in sparse_answer):>8}{sparse_s:>11.2f}"
-          f"{sum(density) / len(density):>9.3f}")
+    print(
+        f"{'sparse':8}{sparse_answer[:22]:24}{str(key in sparse_answer):>8}{sparse_s:>11.2f}"
+        f"{sum(density) / len(density):>9.3f}"
+    )
     if args.device == "cpu":
-        print("(on the CPU the sparse path is the torch reference backend: it shows fidelity, not speed; "
-              "the Triton kernels run on CUDA)")
+        print(
+            "(on the CPU the sparse path is the torch reference backend: it shows fidelity, not speed; "
+            "the Triton kernels run on CUDA)"
+        )
 
 
 if __name__ == "__main__":

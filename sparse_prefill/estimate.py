@@ -134,7 +134,7 @@ def _scatter_heads(B: int, H: int, pieces: list, dev: torch.device) -> torch.Ten
 
 
 def _topk_budget(scores: torch.Tensor, budgets: list[int], head_dim: int = 1) -> torch.Tensor:
-    """Top entries along the last dim with a budget per head (dim ``head_dim``); -1 past it or where the score is -inf."""
+    """Top entries along the last dim, with a budget per head (dim ``head_dim``); -1 past it or at a -inf score."""
     kmax = min(max(budgets), scores.shape[-1])
     vals, idx = scores.topk(kmax, dim=-1)
     per_head = const(budgets, scores.device).view(-1, *[1] * (scores.dim() - head_dim - 1))
@@ -163,7 +163,12 @@ def vertical_slash_scores(
     vertical = torch.empty(B, len(heads), Sk, device=q.device)
     slash = torch.empty_like(vertical)
     for kv0, kv1, sel in _kv_chunks(heads, group, B * L * Sk * 4):
-        qh = q[:, :, Sq - L :].index_select(1, const([heads[i] for i in sel], q.device)).float().unflatten(1, (kv1 - kv0, -1))  # [B, kv, g, L, D]
+        qh = (
+            q[:, :, Sq - L :]
+            .index_select(1, const([heads[i] for i in sel], q.device))
+            .float()
+            .unflatten(1, (kv1 - kv0, -1))
+        )  # [B, kv, g, L, D]
         logits = (qh @ k[:, kv0:kv1, None].float().transpose(-1, -2)).flatten(1, 2) * scale  # [B, kv*g, L, Sk]
         logits.masked_fill_(~visible[:, None], float("-inf"))
         p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)

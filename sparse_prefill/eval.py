@@ -34,12 +34,11 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import PATTERN_DEFAULTS, ConfigError, SparseConfig
-from .models import SMOLLM2, load_model
+from .models import DTYPES, SMOLLM2, load_model
 from .patch import find_shipped_config, last_report, patch_model, unpatch_model
 from .patches import UnsupportedModelError, adapter_for
 from .tasks import TASKS, Haystack, Sample, make_samples, score
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALIASES = {"vs": "vertical_slash", "a": "a_shape", "block": "block_sparse"}
 MIN_LENGTH = 512  # room for the instructions and the answer of every task
 
@@ -71,8 +70,13 @@ def prefill(model, modules, ids: torch.Tensor, mask: torch.Tensor) -> Prefill:
     try:
         _sync(ids.device)
         start = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         _sync(ids.device)
         seconds = time.perf_counter() - start
     finally:
@@ -81,8 +85,15 @@ def prefill(model, modules, ids: torch.Tensor, mask: torch.Tensor) -> Prefill:
     return Prefill(seconds, out.logits[:, -1].float(), out.past_key_values, attn)
 
 
-def decode(model, cache, mask: torch.Tensor, logits: torch.Tensor, steps: int, eos: torch.Tensor,
-           forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def decode(
+    model,
+    cache,
+    mask: torch.Tensor,
+    logits: torch.Tensor,
+    steps: int,
+    eos: torch.Tensor,
+    forced: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy decoding from a prefilled cache (extended in place), or teacher-forced on ``forced`` tokens.
 
     Args:
@@ -103,14 +114,23 @@ def decode(model, cache, mask: torch.Tensor, logits: torch.Tensor, steps: int, e
         if t + 1 == steps or done.all():
             break
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos + t, past_key_values=cache,
-                    use_cache=True)
+        out = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=pos + t, past_key_values=cache, use_cache=True
+        )
         all_logits.append(out.logits[:, -1].float())
     return torch.stack(tokens, 1), torch.stack(all_logits, 1)
 
 
-def evaluate(model, tokenizer, config: SparseConfig, samples: list[Sample], *, min_seq_len: int = 0,
-             batch_size: int = 1, progress: bool = True) -> list[dict]:
+def evaluate(
+    model,
+    tokenizer,
+    config: SparseConfig,
+    samples: list[Sample],
+    *,
+    min_seq_len: int = 0,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> list[dict]:
     """Run every sample dense and patched; one record per sample, in order.
 
     Args:
@@ -163,21 +183,33 @@ def _run_batch(model, tokenizer, config, min_seq_len, modules, eos, batch: list[
         n = _answer_len(d_tokens[b], eos)
         d_log, f_log = F.log_softmax(d_logits[b, :n], -1), F.log_softmax(f_logits[b, :n], -1)
         valid = mask[b].bool()
-        err = [float((p[b][valid] - d[b][valid]).float().norm() / d[b][valid].float().norm().clamp_min(1e-12))
-               for p, d in zip(sparse.attn, dense.attn)]
+        err = [
+            float((p[b][valid] - d[b][valid]).float().norm() / d[b][valid].float().norm().clamp_min(1e-12))
+            for p, d in zip(sparse.attn, dense.attn)
+        ]
         predictions = {"dense": _text(tokenizer, d_tokens[b], eos), "patched": _text(tokenizer, p_tokens[b], eos)}
-        records.append({
-            "task": sample.task, "length": sample.length, "depth": sample.depth, "tokens": int(valid.sum()),
-            "answers": sample.answers,
-            **{mode: {"prediction": text, "score": score(text, sample.answers),
-                      "prefill_s": round((dense if mode == "dense" else sparse).seconds, 4)}
-               for mode, text in predictions.items()},
-            "top1": float((f_log.argmax(-1) == d_tokens[b, :n]).float().mean()),
-            "kl": float((d_log.exp() * (d_log - f_log)).sum(-1).mean()),
-            "attn_rel_err": [round(e, 6) for e in err],
-            "density": [[round(x, 4) for x in (dens[b] if dens else [1.0] * heads)] for _, dens in report],
-            "sparse_layers": sum(path == "sparse" for path, _ in report),
-        })
+        records.append(
+            {
+                "task": sample.task,
+                "length": sample.length,
+                "depth": sample.depth,
+                "tokens": int(valid.sum()),
+                "answers": sample.answers,
+                **{
+                    mode: {
+                        "prediction": text,
+                        "score": score(text, sample.answers),
+                        "prefill_s": round((dense if mode == "dense" else sparse).seconds, 4),
+                    }
+                    for mode, text in predictions.items()
+                },
+                "top1": float((f_log.argmax(-1) == d_tokens[b, :n]).float().mean()),
+                "kl": float((d_log.exp() * (d_log - f_log)).sum(-1).mean()),
+                "attn_rel_err": [round(e, 6) for e in err],
+                "density": [[round(x, 4) for x in (dens[b] if dens else [1.0] * heads)] for _, dens in report],
+                "sparse_layers": sum(path == "sparse" for path, _ in report),
+            }
+        )
     return records
 
 
@@ -240,17 +272,23 @@ def summarize(records: list[dict], lengths: list[int], depths: list[float]) -> d
 
     tasks = list(dict.fromkeys(r["task"] for r in records))
     accuracy = {
-        task: {str(n): {"dense": mean(r["dense"]["score"] for r in at(task=task, length=n)),
-                        "patched": mean(r["patched"]["score"] for r in at(task=task, length=n)),
-                        "n": len(at(task=task, length=n))} for n in lengths}
+        task: {
+            str(n): {
+                "dense": mean(r["dense"]["score"] for r in at(task=task, length=n)),
+                "patched": mean(r["patched"]["score"] for r in at(task=task, length=n)),
+                "n": len(at(task=task, length=n)),
+            }
+            for n in lengths
+        }
         for task in tasks
     }
     grid = None
     if "niah" in tasks:
         grid = {"depths": depths, "lengths": lengths}
         for mode in ("dense", "patched"):
-            grid[mode] = [[mean(r[mode]["score"] for r in at(task="niah", length=n, depth=d)) for n in lengths]
-                          for d in depths]
+            grid[mode] = [
+                [mean(r[mode]["score"] for r in at(task="niah", length=n, depth=d)) for n in lengths] for d in depths
+            ]
     per_length = {}
     for n in lengths:
         rs = at(length=n)
@@ -271,8 +309,13 @@ def summarize(records: list[dict], lengths: list[int], depths: list[float]) -> d
         }
     longest = [r["density"] for r in at(length=max(lengths))]  # [sample][layer][head]
     head_density = [[mean(head) for head in zip(*layer)] for layer in zip(*longest)]
-    return {"accuracy": accuracy, "needle_grid": grid, "per_length": per_length, "head_density": head_density,
-            "head_density_length": max(lengths)}
+    return {
+        "accuracy": accuracy,
+        "needle_grid": grid,
+        "per_length": per_length,
+        "head_density": head_density,
+        "head_density_length": max(lengths),
+    }
 
 
 def summary_markdown(results: dict) -> str:
@@ -285,44 +328,98 @@ def summary_markdown(results: dict) -> str:
         f"# sparse_prefill evaluation: {meta['model']}",
         "",
         f"- model: `{meta['model']}` ({_shape(meta['model_info'])})",
-        (f"- config: {cfg['source']}; made for `{cfg['made_for']}`; patterns: {cfg['patterns']}; "
-         f"provenance: `{json.dumps(cfg['provenance'])}`"),
+        (
+            f"- config: {cfg['source']}; made for `{cfg['made_for']}`; patterns: {cfg['patterns']}; "
+            f"provenance: `{json.dumps(cfg['provenance'])}`"
+        ),
         f"- min_seq_len: {meta['min_seq_len']} (prompts with fewer keys run dense)",
-        (f"- tasks: {', '.join(meta['tasks'])}; lengths: {', '.join(cols)} (prompt + answer tokens); "
-         f"needle depths: {meta['depths']}; samples: {meta['samples']} per needle cell / per task and length; "
-         f"seed {meta['seed']}; haystack: {meta['haystack']}"),
-        (f"- {meta['device']} {meta['dtype']}, {meta['threads']} torch threads, batch size {meta['batch_size']}; "
-         f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}"),
+        (
+            f"- tasks: {', '.join(meta['tasks'])}; lengths: {', '.join(cols)} (prompt + answer tokens); "
+            f"needle depths: {meta['depths']}; samples: {meta['samples']} per needle cell / per task and length; "
+            f"seed {meta['seed']}; haystack: {meta['haystack']}"
+        ),
+        (
+            f"- {meta['device']} {meta['dtype']}, {meta['threads']} torch threads, batch size {meta['batch_size']}; "
+            f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}"
+        ),
         "",
         "## Accuracy (dense / patched)",
         "",
-        *_table(["task", *cols], [[task, *(_pair(row[str(n)]) for n in lengths)]
-                                  for task, row in s["accuracy"].items()]),
+        *_table(
+            ["task", *cols], [[task, *(_pair(row[str(n)]) for n in lengths)] for task, row in s["accuracy"].items()]
+        ),
     ]
     if s["needle_grid"]:
         grid = s["needle_grid"]
-        lines += ["", "## Needle in a haystack (dense / patched), depth × length", "", *_table(
-            ["depth", *cols],
-            [[f"{d:g}", *(_pair({m: grid[m][i][j] for m in ("dense", "patched")}) for j in range(len(lengths)))]
-             for i, d in enumerate(grid["depths"])])]
+        lines += [
+            "",
+            "## Needle in a haystack (dense / patched), depth × length",
+            "",
+            *_table(
+                ["depth", *cols],
+                [
+                    [f"{d:g}", *(_pair({m: grid[m][i][j] for m in ("dense", "patched")}) for j in range(len(lengths)))]
+                    for i, d in enumerate(grid["depths"])
+                ],
+            ),
+        ]
     per = s["per_length"]
     lines += [
-        "", "## Fidelity, prefill latency and density", "",
-        ("Top-1 agreement and KL(dense ‖ patched) over the dense answer (teacher-forced); attention error: relative "
-         "L2 of each layer's attention output, mean over layers (worst layer); prefill: median seconds of one forward "
-         "of the prompt (time to first token), warm-up excluded; density: computed tiles over causal tiles."),
         "",
-        *_table(["length", "samples", "top-1", "KL (nats)", "attn rel. err (worst layer)", "prefill dense s",
-                 "prefill patched s", "speedup", "density"],
-                [[_k(n), p["samples"], _f(p["top1"]), _f(p["kl"], 4),
-                  f"{_f(p['attn_rel_err'], 4)} ({_f(max(p['layer_attn_rel_err']), 4)})", _f(p["prefill_dense_s"], 2),
-                  _f(p["prefill_patched_s"], 2), f"{p['speedup']:.2f}×", _f(p["density"])]
-                 for n in lengths for p in [per[str(n)]]]),
-        "", "## Per layer: density / attention rel. error", "",
-        *_table(["layer", "patterns", *cols],
-                [[i, meta["config"]["layer_patterns"][i],
-                  *(f"{_f(per[str(n)]['layer_density'][i])} / {_f(per[str(n)]['layer_attn_rel_err'][i], 4)}"
-                    for n in lengths)] for i in range(len(per[str(lengths[0])]["layer_density"]))]),
+        "## Fidelity, prefill latency and density",
+        "",
+        (
+            "Top-1 agreement and KL(dense ‖ patched) over the dense answer (teacher-forced); attention error: relative "
+            "L2 of each layer's attention output, mean over layers (worst layer); prefill: median seconds of one "
+            "forward "
+            "of the prompt (time to first token), warm-up excluded; density: computed tiles over causal tiles."
+        ),
+        "",
+        *_table(
+            [
+                "length",
+                "samples",
+                "top-1",
+                "KL (nats)",
+                "attn rel. err (worst layer)",
+                "prefill dense s",
+                "prefill patched s",
+                "speedup",
+                "density",
+            ],
+            [
+                [
+                    _k(n),
+                    p["samples"],
+                    _f(p["top1"]),
+                    _f(p["kl"], 4),
+                    f"{_f(p['attn_rel_err'], 4)} ({_f(max(p['layer_attn_rel_err']), 4)})",
+                    _f(p["prefill_dense_s"], 2),
+                    _f(p["prefill_patched_s"], 2),
+                    f"{p['speedup']:.2f}×",
+                    _f(p["density"]),
+                ]
+                for n in lengths
+                for p in [per[str(n)]]
+            ],
+        ),
+        "",
+        "## Per layer: density / attention rel. error",
+        "",
+        *_table(
+            ["layer", "patterns", *cols],
+            [
+                [
+                    i,
+                    meta["config"]["layer_patterns"][i],
+                    *(
+                        f"{_f(per[str(n)]['layer_density'][i])} / {_f(per[str(n)]['layer_attn_rel_err'][i], 4)}"
+                        for n in lengths
+                    ),
+                ]
+                for i in range(len(per[str(lengths[0])]["layer_density"]))
+            ],
+        ),
         "",
     ]
     if s["needle_grid"]:
@@ -333,7 +430,8 @@ def summary_markdown(results: dict) -> str:
 
 def _table(header: list, rows: list[list]) -> list[str]:
     return ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(map(str, row)) + " |" for row in rows]
+        "| " + " | ".join(map(str, row)) + " |" for row in rows
+    ]
 
 
 def _pair(cell: dict) -> str:
@@ -349,14 +447,17 @@ def _k(n: int) -> str:
 
 
 def _shape(info: dict) -> str:
-    return (f"{info['model_type']}, {info['num_layers']} layers, {info['num_heads']} query / {info['num_kv_heads']} KV "
-            f"heads, head_dim {info['head_dim']}")
+    return (
+        f"{info['model_type']}, {info['num_layers']} layers, {info['num_heads']} query / {info['num_kv_heads']} KV "
+        f"heads, head_dim {info['head_dim']}"
+    )
 
 
 def _layer_patterns(config: SparseConfig) -> list[str]:
     short = {"vertical_slash": "vs", "a_shape": "a", "block_sparse": "block", "dense": "dense"}
-    return [" ".join(f"{short[p]}×{c}" for p, c in Counter(h.pattern for h in layer).items())
-            for layer in config.layers]
+    return [
+        " ".join(f"{short[p]}×{c}" for p, c in Counter(h.pattern for h in layer).items()) for layer in config.layers
+    ]
 
 
 def _dumps(obj, indent: str = "") -> str:
@@ -389,9 +490,13 @@ def write_outputs(results: dict, config: SparseConfig, out: Path) -> None:
             nan = float("nan")  # an empty cell
             cells = {m: [[nan if v is None else v for v in row] for row in grid[m]] for m in ("dense", "patched")}
             needle_heatmap(grid["depths"], grid["lengths"], cells, tmp / "needle_grid.png")
-        pattern_map(config, tmp / "patterns.png", s["head_density"],
-                    title=f"{results['meta']['config']['made_for']}: pattern per head, "
-                    f"text = density at {_k(s['head_density_length'])} tokens")
+        pattern_map(
+            config,
+            tmp / "patterns.png",
+            s["head_density"],
+            title=f"{results['meta']['config']['made_for']}: pattern per head, "
+            f"text = density at {_k(s['head_density_length'])} tokens",
+        )
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(tmp.iterdir()):
             shutil.move(f, out / f.name)
@@ -453,29 +558,62 @@ def build_parser() -> argparse.ArgumentParser:
         description="Accuracy, fidelity and prefill latency of sparse prefill against dense, on long-context "
         "retrieval tasks built in code (RULER-style).",
     )
-    p.add_argument("--model", default=SMOLLM2,
-                   help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a local transformers model folder")
-    p.add_argument("--config", default=None,
-                   help="sparse config: a JSON file, or uniform-<pattern> (vs, a, block, or a pattern name: "
-                   f"{', '.join(PATTERN_DEFAULTS)}); default: the shipped config for the model, else vertical-slash")
+    p.add_argument(
+        "--model",
+        default=SMOLLM2,
+        help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a local transformers model folder",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="sparse config: a JSON file, or uniform-<pattern> (vs, a, block, or a pattern name: "
+        f"{', '.join(PATTERN_DEFAULTS)}); default: the shipped config for the model, else vertical-slash",
+    )
     p.add_argument("--tasks", type=_tasks, default=list(TASKS), help=f"comma list of {', '.join(TASKS)} (default all)")
-    p.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096],
-                   help="lengths in tokens (prompt + answer), e.g. 1k,2k,4k")
-    p.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0],
-                   help="needle depths of the niah grid, e.g. 0,0.25,0.5,0.75,1")
-    p.add_argument("--samples", type=_at_least(1), default=1,
-                   help="samples per niah (depth, length) cell and per other task and length")
+    p.add_argument(
+        "--lengths",
+        type=_lengths,
+        default=[1024, 2048, 4096],
+        help="lengths in tokens (prompt + answer), e.g. 1k,2k,4k",
+    )
+    p.add_argument(
+        "--depths",
+        type=_depths,
+        default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        help="needle depths of the niah grid, e.g. 0,0.25,0.5,0.75,1",
+    )
+    p.add_argument(
+        "--samples",
+        type=_at_least(1),
+        default=1,
+        help="samples per niah (depth, length) cell and per other task and length",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated prompts (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available, else cpu)",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default float32)")
-    p.add_argument("--haystack", type=Path, default=None,
-                   help="text file whose sentences fill the context (default: built-in English-like filler)")
+    p.add_argument(
+        "--haystack",
+        type=Path,
+        default=None,
+        help="text file whose sentences fill the context (default: built-in English-like filler)",
+    )
     p.add_argument("--out", type=Path, default=Path("eval-results"), help="output folder (default eval-results)")
-    p.add_argument("--batch-size", type=_at_least(1), default=1,
-                   help="prompts per forward, of one task and length, left-padded (default 1)")
-    p.add_argument("--min-seq-len", type=_at_least(0), default=0,
-                   help="prompts with fewer keys run dense (default 0: the sparse path on every prompt)")
+    p.add_argument(
+        "--batch-size",
+        type=_at_least(1),
+        default=1,
+        help="prompts per forward, of one task and length, left-padded (default 1)",
+    )
+    p.add_argument(
+        "--min-seq-len",
+        type=_at_least(0),
+        default=0,
+        help="prompts with fewer keys run dense (default 0: the sparse path on every prompt)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -484,7 +622,7 @@ def _config_arg(value: str | None, model) -> str | SparseConfig | None:
     """--config as patch_model takes it: None, a path, or a uniform config for this model's shape."""
     if value is None or not value.startswith("uniform-"):
         return value
-    pattern = ALIASES.get(value[len("uniform-"):], value[len("uniform-"):])
+    pattern = ALIASES.get(value[len("uniform-") :], value[len("uniform-") :])
     if pattern not in PATTERN_DEFAULTS:
         raise ConfigError(f"{value!r}: unknown pattern; use uniform-<{'|'.join([*ALIASES, *PATTERN_DEFAULTS])}>")
     return SparseConfig.uniform(adapter_for(model).model_info(model), pattern)
@@ -539,25 +677,46 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         fail("--lengths", e)
 
-    records = evaluate(model, tokenizer, config, samples, min_seq_len=args.min_seq_len, batch_size=args.batch_size,
-                       progress=not args.no_progress)
+    records = evaluate(
+        model,
+        tokenizer,
+        config,
+        samples,
+        min_seq_len=args.min_seq_len,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     info = adapter_for(model).model_info(model)
     results = {
         "meta": {
-            "model": args.model if args.model != SMOLLM2 else info.name, "model_info": vars(info),
+            "model": args.model if args.model != SMOLLM2 else info.name,
+            "model_info": vars(info),
             "config": {
                 "source": args.config or _default_source(info),
-                "made_for": config.model.name, "provenance": config.provenance,
+                "made_for": config.model.name,
+                "provenance": config.provenance,
                 "patterns": dict(Counter(h.pattern for layer in config.layers for h in layer)),
-                "layer_patterns": _layer_patterns(config), "min_seq_len": config.min_seq_len,
+                "layer_patterns": _layer_patterns(config),
+                "min_seq_len": config.min_seq_len,
                 "json": config.to_dict(),
             },
-            "min_seq_len": args.min_seq_len, "tasks": args.tasks, "lengths": args.lengths, "depths": args.depths,
-            "samples": args.samples, "seed": args.seed, "haystack": str(args.haystack or "built-in"),
-            "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "versions": {"sparse_prefill": __version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__},
+            "min_seq_len": args.min_seq_len,
+            "tasks": args.tasks,
+            "lengths": args.lengths,
+            "depths": args.depths,
+            "samples": args.samples,
+            "seed": args.seed,
+            "haystack": str(args.haystack or "built-in"),
+            "device": args.device,
+            "dtype": args.dtype,
+            "batch_size": args.batch_size,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "versions": {
+                "sparse_prefill": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
         },
         "summary": summarize(records, args.lengths, args.depths),
         "samples": records,

@@ -113,7 +113,7 @@ def slash_diagonals(slash: torch.Tensor, q_len: int, kv_len: int, kv_start: torc
 
 
 def sorted_valid(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort the valid entries of ``values`` ascending to the front of the last dim. Returns (int32 values, int32 count)."""
+    """Sort the valid entries of ``values`` ascending to the front of the last dim: (int32 values, int32 count)."""
     big = torch.iinfo(torch.int32).max
     keyed = torch.where(valid, values.long(), big)
     out, _ = keyed.sort(dim=-1)
@@ -145,8 +145,12 @@ def make_index(
     last_row = off[:, None] + m[None, :] * BLOCK + BLOCK - 1  # [B, M]
     B, H, V = col_idx.shape
     # Search the list with its padding pushed past every position, so it is sorted end to end.
-    listed = torch.where(torch.arange(V, device=cols.device) < col_cnt[..., None], col_idx.long(), torch.iinfo(torch.int64).max)
-    col_row_cnt = torch.searchsorted(listed.contiguous(), last_row[:, None, :].expand(B, H, -1).contiguous(), right=True)
+    listed = torch.where(
+        torch.arange(V, device=cols.device) < col_cnt[..., None], col_idx.long(), torch.iinfo(torch.int64).max
+    )
+    col_row_cnt = torch.searchsorted(
+        listed.contiguous(), last_row[:, None, :].expand(B, H, -1).contiguous(), right=True
+    )
     col_row_cnt = col_row_cnt.int()
     blk_idx, blk_cnt = sorted_valid(blocks, blocks >= 0)
     return SparseIndex(

@@ -94,7 +94,9 @@ def patch_model(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
-    if min_seq_len is not None and (isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int) or min_seq_len < 0):
+    if min_seq_len is not None and (
+        isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int) or min_seq_len < 0
+    ):
         raise ValueError(f"min_seq_len: must be an integer >= 0, got {min_seq_len!r}")
     adapter = adapter_for(model, force)
     info = adapter.model_info(model)

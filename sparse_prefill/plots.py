@@ -26,8 +26,13 @@ def needle_heatmap(depths: list[float], lengths: list[int], grids: dict[str, lis
         grids: mode name -> [len(depths)][len(lengths)] accuracy in [0, 1] (NaN where no sample).
         path: PNG file to write.
     """
-    fig, axes = plt.subplots(1, len(grids), figsize=(1.6 + 1.1 * len(lengths) * len(grids), 1.4 + 0.5 * len(depths)),
-                             squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        1,
+        len(grids),
+        figsize=(1.6 + 1.1 * len(lengths) * len(grids), 1.4 + 0.5 * len(depths)),
+        squeeze=False,
+        constrained_layout=True,
+    )
     for ax, (mode, grid) in zip(axes[0], grids.items()):
         values = np.array(grid, dtype=float)
         image = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
@@ -56,8 +61,9 @@ def pattern_map(config: SparseConfig, path: str | Path, density: list[list[float
     codes = np.array([[names.index(h.pattern) for h in layer] for layer in config.layers])
     n_layers, n_heads = codes.shape
     fig, ax = plt.subplots(figsize=(2.5 + 0.9 * n_heads, 1.2 + 0.28 * n_layers), constrained_layout=True)
-    ax.imshow(codes, cmap=ListedColormap([PATTERN_COLOURS[n] for n in names]), vmin=-0.5, vmax=len(names) - 0.5,
-              aspect="auto")
+    ax.imshow(
+        codes, cmap=ListedColormap([PATTERN_COLOURS[n] for n in names]), vmin=-0.5, vmax=len(names) - 0.5, aspect="auto"
+    )
     for (layer, head), _ in np.ndenumerate(codes):
         spec = config.layers[layer][head]
         text = f"{density[layer][head]:.2f}" if density is not None else _budgets(spec)
@@ -69,8 +75,12 @@ def pattern_map(config: SparseConfig, path: str | Path, density: list[list[float
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     used = sorted({h.pattern for layer in config.layers for h in layer}, key=names.index)
-    ax.legend(handles=[Patch(color=PATTERN_COLOURS[n], label=n) for n in used], loc="upper left",
-              bbox_to_anchor=(1.01, 1), fontsize=7)
+    ax.legend(
+        handles=[Patch(color=PATTERN_COLOURS[n], label=n) for n in used],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+        fontsize=7,
+    )
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

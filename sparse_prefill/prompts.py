@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import random
 
-FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
 def passkey_prompt(tokenizer, n_tokens: int, depth: float = 0.5, seed: int = 0) -> tuple[str, str]:
@@ -25,5 +23,7 @@ def passkey_prompt(tokenizer, n_tokens: int, depth: float = 0.5, seed: int = 0) 
         "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
         f"{haystack}\nWhat is the pass key? Answer with the number only."
     )
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
     return text + "The pass key is", key

@@ -13,13 +13,11 @@ import torch.nn.functional as F
 from .index import BLOCK, SparseIndex, query_offsets, sample_mask
 
 
-def attention_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Masked attention in fp32.
 
     Args:
-        q: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D] with ``Hq % Hkv == 0`` (query head h reads KV head ``h // (Hq // Hkv)``).
+        q: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D], ``Hq % Hkv == 0``: query head h reads KV head ``h // (Hq // Hkv)``.
         mask: [B, Hq, Sq, Sk] bool, True = attend. Rows with no True give zeros.
         scale: softmax scale.
     Returns:

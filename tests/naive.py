@@ -25,7 +25,9 @@ def mask_from_sets(index) -> torch.Tensor:
             for i in range(first_row, Sq):
                 m = (i - first_row) // BLOCK
                 base = (first_pos + m * BLOCK + BLOCK - 1) // BLOCK
-                blocks = set(index.blk_idx[b, h, m, : index.blk_cnt[b, h, m]].tolist()) if index.blk_idx.shape[-1] else set()
+                blocks = (
+                    set(index.blk_idx[b, h, m, : index.blk_cnt[b, h, m]].tolist()) if index.blk_idx.shape[-1] else set()
+                )
                 p = first_pos + i - first_row
                 for c in range(p + 1):
                     j = c // BLOCK

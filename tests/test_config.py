@@ -12,12 +12,21 @@ INFO = ModelInfo("tiny", "llama", num_layers=2, num_heads=4, num_kv_heads=2, hea
 
 def good() -> dict:
     def heads():
-        return [{"pattern": "vertical_slash", "vertical": 64, "slash": 0.25}, {"pattern": "a_shape"},
-                {"pattern": "block_sparse", "top_k": 4}, {"pattern": "dense"}]
+        return [
+            {"pattern": "vertical_slash", "vertical": 64, "slash": 0.25},
+            {"pattern": "a_shape"},
+            {"pattern": "block_sparse", "top_k": 4},
+            {"pattern": "dense"},
+        ]
 
-    return {"format": FORMAT, "model": dict(vars(INFO)), "min_seq_len": 0,
-            "defaults": {"a_shape": {"sink": 16, "local": 256}}, "layers": [heads(), heads()],
-            "provenance": {"tool": "test"}}
+    return {
+        "format": FORMAT,
+        "model": dict(vars(INFO)),
+        "min_seq_len": 0,
+        "defaults": {"a_shape": {"sink": 16, "local": 256}},
+        "layers": [heads(), heads()],
+        "provenance": {"tool": "test"},
+    }
 
 
 def test_round_trip_through_json(tmp_path):
@@ -90,8 +99,9 @@ def test_not_json(tmp_path):
         load_config(tmp_path / "c.json")
 
 
-@pytest.mark.parametrize("field,value", [("num_layers", 3), ("num_heads", 8), ("num_kv_heads", 1), ("head_dim", 32),
-                                         ("model_type", "qwen2")])
+@pytest.mark.parametrize(
+    "field,value", [("num_layers", 3), ("num_heads", 8), ("num_kv_heads", 1), ("head_dim", 32), ("model_type", "qwen2")]
+)
 def test_shape_mismatch(field, value):
     other = ModelInfo(**{**vars(INFO), field: value})
     with pytest.raises(ConfigError, match=f"model.{field}: config was made for"):

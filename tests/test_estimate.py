@@ -26,8 +26,18 @@ def test_diagonal_sums_is_a_sum_along_each_diagonal():
 @pytest.mark.parametrize("q_len,kv_len,starts", [(200, 200, [0]), (230, 230, [0, 70]), (90, 260, [0, 200])])
 @pytest.mark.parametrize("group", [1, 3])
 def test_vertical_slash_picks_the_top_columns_and_diagonals(q_len, kv_len, starts, group):
-    heads = [spec("vertical_slash", vertical=9 + h, slash=20 - 3 * h, last_q=24 + 8 * h, force_vertical=3, force_slash=5,
-                  slash_select="token") for h in range(group * 2)]
+    heads = [
+        spec(
+            "vertical_slash",
+            vertical=9 + h,
+            slash=20 - 3 * h,
+            last_q=24 + 8 * h,
+            force_vertical=3,
+            force_slash=5,
+            slash_select="token",
+        )
+        for h in range(group * 2)
+    ]
     q, k, _ = qkv(len(starts), len(heads), 2, q_len, kv_len, seed=group)
     index = build_index(q, k, heads, 0.3, starts)
     for b, start in enumerate(starts):
@@ -42,8 +52,10 @@ def test_vertical_slash_picks_the_top_columns_and_diagonals(q_len, kv_len, start
 
 @pytest.mark.parametrize("q_len,kv_len,starts", [(700, 700, [0]), (650, 650, [0, 90]), (300, 700, [0, 450])])
 def test_block_slash_select_keeps_the_block_diagonals_with_most_slash_mass(q_len, kv_len, starts):
-    heads = [spec("vertical_slash", vertical=10, slash=100 + 64 * h, force_vertical=2, force_slash=3 + 70 * h)
-             for h in range(3)]
+    heads = [
+        spec("vertical_slash", vertical=10, slash=100 + 64 * h, force_vertical=2, force_slash=3 + 70 * h)
+        for h in range(3)
+    ]
     q, k, _ = qkv(len(starts), 3, 1, q_len, kv_len, seed=11)
     index = build_index(q, k, heads, 0.3, starts)
     for b, start in enumerate(starts):
@@ -79,9 +91,11 @@ def test_a_shape_keeps_sinks_and_the_local_window():
 
 
 def test_left_padding_gives_each_sample_its_unpadded_index():
-    heads = [spec("vertical_slash", vertical=10, slash=30, last_q=32, force_vertical=3, force_slash=5),
-             spec("block_sparse", top_k=2),
-             spec("a_shape", sink=4, local=64)]
+    heads = [
+        spec("vertical_slash", vertical=10, slash=30, last_q=32, force_vertical=3, force_slash=5),
+        spec("block_sparse", top_k=2),
+        spec("a_shape", sink=4, local=64),
+    ]
     q, k, _ = qkv(2, 3, 1, 250, 250, seed=9)
     pad = 77
     q[1, :, :pad] = 123.0  # garbage in the padding must not matter
@@ -110,8 +124,14 @@ def test_fraction_budgets_scale_with_the_key_length():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("S", [4096, 32768])
 def test_gpu_builds_the_cpu_index(S):
-    heads = [spec("vertical_slash"), spec("vertical_slash", vertical=300, slash=0.1), spec("block_sparse", top_k=40),
-             spec("a_shape"), spec("dense"), spec("block_sparse", top_k=0.05)] * 2
+    heads = [
+        spec("vertical_slash"),
+        spec("vertical_slash", vertical=300, slash=0.1),
+        spec("block_sparse", top_k=40),
+        spec("a_shape"),
+        spec("dense"),
+        spec("block_sparse", top_k=0.05),
+    ] * 2
     q, k, _ = qkv(2, len(heads), 4, S, S, D=64, seed=S)
     starts = [0, 1000]
     cpu = build_index(q, k, heads, 0.125, starts)

@@ -44,17 +44,26 @@ def tiny_llama(tmp_path_factory, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return _save(tmp_path_factory, "tiny-llama", LlamaForCausalLM(config), tokenizer)
 
 
 def _depth_in_context(prompt: str, text: str) -> float:
     """Where ``text`` first occurs in the context, as a fraction of its characters. The context is the prompt's
     longest line (its filler sentences are joined by spaces), or the JSON body for ``kv``."""
-    context = prompt[prompt.index("{\n") : prompt.index("\n}")] if "JSON data" in prompt else max(
-        prompt.split("\n"), key=len)
+    context = (
+        prompt[prompt.index("{\n") : prompt.index("\n}")] if "JSON data" in prompt else max(prompt.split("\n"), key=len)
+    )
     return context.index(text) / len(context)
 
 
@@ -171,8 +180,25 @@ def test_end_to_end_tiny_model(tiny_llama, tmp_path, capsys):
     info = ModelInfo(tiny_llama.name, "llama", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
     save_config(SparseConfig.uniform(info, "vertical_slash", vertical=0.1, slash=0.1), config)
     out = tmp_path / "out"
-    argv = ["--model", str(tiny_llama), "--config", str(config), "--tasks", "niah,kv,cwe", "--lengths", "512,1k",
-            "--depths", "0,1", "--samples", "1", "--batch-size", "2", "--out", str(out), "--no-progress"]
+    argv = [
+        "--model",
+        str(tiny_llama),
+        "--config",
+        str(config),
+        "--tasks",
+        "niah,kv,cwe",
+        "--lengths",
+        "512,1k",
+        "--depths",
+        "0,1",
+        "--samples",
+        "1",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["needle_grid.png", "patterns.png", "results.json", "summary.md"]
 
@@ -181,8 +207,19 @@ def test_end_to_end_tiny_model(tiny_llama, tmp_path, capsys):
     assert set(results["summary"]) >= {"accuracy", "needle_grid", "per_length", "head_density"}
     assert len(results["samples"]) == 2 * 2 + 2 + 2  # niah: depths × lengths; kv and cwe: one per length
     for record in results["samples"]:
-        assert set(record) >= {"task", "length", "depth", "answers", "dense", "patched", "top1", "kl",
-                               "attn_rel_err", "density", "sparse_layers"}
+        assert set(record) >= {
+            "task",
+            "length",
+            "depth",
+            "answers",
+            "dense",
+            "patched",
+            "top1",
+            "kl",
+            "attn_rel_err",
+            "density",
+            "sparse_layers",
+        }
         assert record["sparse_layers"] == 2 and len(record["attn_rel_err"]) == 2
         assert 0 <= record["top1"] <= 1 and record["kl"] >= -1e-6
         assert set(record["dense"]) == {"prediction", "score", "prefill_s"}

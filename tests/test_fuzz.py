@@ -21,9 +21,15 @@ def head_specs(draw):
         return spec(pattern, sink=draw(budget), local=draw(budget))
     if pattern == "vertical_slash":
         fv, fs = draw(st.integers(0, 8)), draw(st.integers(0, 8))
-        return spec(pattern, vertical=draw(st.integers(max(fv, 1), 200)), slash=draw(st.integers(max(fs, 1), 200)),
-                    last_q=draw(st.integers(1, 80)), force_vertical=fv, force_slash=fs,
-                    slash_select=draw(st.sampled_from(["token", "block"])))
+        return spec(
+            pattern,
+            vertical=draw(st.integers(max(fv, 1), 200)),
+            slash=draw(st.integers(max(fs, 1), 200)),
+            last_q=draw(st.integers(1, 80)),
+            force_vertical=fv,
+            force_slash=fs,
+            slash_select=draw(st.sampled_from(["token", "block"])),
+        )
     if pattern == "block_sparse":
         return spec(pattern, top_k=draw(budget))
     return spec(pattern)

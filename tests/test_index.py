@@ -25,7 +25,9 @@ def qkv(B, H, Hkv, Sq, Sk, D=16, dtype=torch.float32, seed=0):
     return q, k, v
 
 
-@pytest.mark.parametrize("q_len,kv_len,starts", [(150, 150, [0]), (170, 170, [0, 45]), (70, 200, [0, 150]), (1, 90, [0])])
+@pytest.mark.parametrize(
+    "q_len,kv_len,starts", [(150, 150, [0]), (170, 170, [0, 45]), (70, 200, [0, 150]), (1, 90, [0])]
+)
 def test_token_mask_matches_the_sets(q_len, kv_len, starts):
     q, k, _ = qkv(len(starts), 4, 2, q_len, kv_len)
     index = build_index(q, k, MIXED, 0.25, starts)

@@ -1,6 +1,7 @@
 """The Triton kernel against the fp32 reference over explicit token masks.
 
-Without CUDA the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before triton is imported): tiny shapes,
+Without CUDA the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before triton is imported):
+tiny shapes,
 fp16/fp32 only (the interpreter's bf16 dot is not exact). The ``gpu`` tests need CUDA and cover bf16, long sequences
 and head_dim 128, against the blockwise torch path in fp32.
 """
@@ -195,8 +196,9 @@ def test_gpu_chunked_prefill():
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_32k(D):
-    gpu_case(["vs", "blocks", "dense", "vs"], 4, 32768, 32768, [0], D, torch.bfloat16, p_diag=0.02, n_cols=1000,
-             top_k=16)
+    gpu_case(
+        ["vs", "blocks", "dense", "vs"], 4, 32768, 32768, [0], D, torch.bfloat16, p_diag=0.02, n_cols=1000, top_k=16
+    )
 
 
 @gpu

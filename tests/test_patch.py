@@ -8,8 +8,15 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig,
 from transformers import Qwen2ForCausalLM
 
 from conftest import assert_close
-from sparse_prefill import (ConfigError, SparseConfig, UnsupportedModelError, is_patched, last_report, patch_model,
-                            unpatch_model)
+from sparse_prefill import (
+    ConfigError,
+    SparseConfig,
+    UnsupportedModelError,
+    is_patched,
+    last_report,
+    patch_model,
+    unpatch_model,
+)
 from sparse_prefill.patches import adapter_for
 
 SPARSE = dict(pattern="vertical_slash", vertical=8, slash=4, last_q=16, force_vertical=2, force_slash=4)
@@ -17,8 +24,16 @@ SPARSE = dict(pattern="vertical_slash", vertical=8, slash=4, last_q=16, force_ve
 
 def tiny(kind="llama", **extra):
     torch.manual_seed(0)
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, **extra)
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        **extra,
+    )
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
     return LlamaForCausalLM(LlamaConfig(**common)).eval()
@@ -50,9 +65,14 @@ def test_unpatch_restores_bit_identical_outputs():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("head", [dict(pattern="vertical_slash", vertical=400, slash=400),
-                                  dict(pattern="a_shape", sink=1, local=400),
-                                  dict(pattern="block_sparse", top_k=8)])
+@pytest.mark.parametrize(
+    "head",
+    [
+        dict(pattern="vertical_slash", vertical=400, slash=400),
+        dict(pattern="a_shape", sink=1, local=400),
+        dict(pattern="block_sparse", top_k=8),
+    ],
+)
 def test_full_budget_equals_dense(kind, head):
     model = tiny(kind)
     dense = logits(model, IDS)
@@ -114,8 +134,13 @@ def test_mask_other_than_left_padding_runs_dense_with_one_warning(caplog):
 
 
 def test_qwen2_sliding_window_layers_stay_dense():
-    model = tiny("qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=1,
-                 layer_types=["full_attention", "sliding_attention"])
+    model = tiny(
+        "qwen2",
+        use_sliding_window=True,
+        sliding_window=64,
+        max_window_layers=1,
+        layer_types=["full_attention", "sliding_attention"],
+    )
     patch_model(model, config_for(model, **SPARSE))
     logits(model, IDS)
     assert [r.path for r in last_report(model)] == ["sparse", "dense"]
@@ -170,7 +195,7 @@ def test_smollm2_full_budget_generates_the_dense_tokens(smollm2, passkey):
         assert {r.path for r in last_report(model)} == {"sparse"}
     finally:
         unpatch_model(model)
-    assert key in tok.decode(dense[0, ids.shape[1]:])
+    assert key in tok.decode(dense[0, ids.shape[1] :])
     assert torch.equal(sparse, dense)
 
 
@@ -185,7 +210,7 @@ def test_smollm2_sparse_answers_the_passkey(smollm2, passkey):
         density = [d for r in last_report(model) for d in r.density[0]]
     finally:
         unpatch_model(model)
-    assert key in tok.decode(out[0, ids.shape[1]:])
+    assert key in tok.decode(out[0, ids.shape[1] :])
     assert sum(density) / len(density) < 0.75
 
 
