@@ -15,6 +15,24 @@ from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
 
+def tiny_model(kind: str = "llama", **overrides):
+    """A random-init 2-layer Llama (or Qwen2) with 4 query / 2 KV heads: nothing is downloaded."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    return model_cls(config_cls(**{**shape, **overrides})).eval()
+
+
 def spec(pattern: str, **params) -> HeadSpec:
     return HeadSpec(pattern, {**PATTERN_DEFAULTS[pattern], **params})
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_model
+
 from sparse_prefill import calibrate as C
 from sparse_prefill.config import (
     DEFAULT_MIN_SEQ_LEN,
@@ -192,19 +194,7 @@ def test_heldout_text_is_disjoint():
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_model(vocab_size=256, intermediate_size=128, max_position_embeddings=2048)
     model.set_attn_implementation("sdpa")
     return model
 

@@ -6,8 +6,9 @@ import re
 from collections import Counter
 
 import pytest
-import torch
 from PIL import Image
+
+from conftest import tiny_model
 
 from sparse_prefill import ModelInfo, SparseConfig, save_config
 from sparse_prefill.eval import main
@@ -41,21 +42,14 @@ def _save(tmp_path_factory, name, model, tokenizer):
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory, tokenizer):
     """A random 2-layer Llama with the SmolLM2 tokenizer, saved as a --model folder (context 2048)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    model = tiny_model(
         vocab_size=len(tokenizer),
-        hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=2048,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return _save(tmp_path_factory, "tiny-llama", LlamaForCausalLM(config), tokenizer)
+    return _save(tmp_path_factory, "tiny-llama", model, tokenizer)
 
 
 def _depth_in_context(prompt: str, text: str) -> float:

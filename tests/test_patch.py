@@ -4,10 +4,9 @@ import logging
 
 import pytest
 import torch
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config
-from transformers import Qwen2ForCausalLM
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
-from conftest import assert_close
+from conftest import assert_close, tiny_model
 from sparse_prefill import (
     ConfigError,
     SparseConfig,
@@ -20,23 +19,6 @@ from sparse_prefill import (
 from sparse_prefill.patches import adapter_for
 
 SPARSE = dict(pattern="vertical_slash", vertical=8, slash=4, last_q=16, force_vertical=2, force_slash=4)
-
-
-def tiny(kind="llama", **extra):
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        **extra,
-    )
-    if kind == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
-    return LlamaForCausalLM(LlamaConfig(**common)).eval()
 
 
 def config_for(model, **head):
@@ -52,7 +34,7 @@ IDS = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(1)
 
 
 def test_unpatch_restores_bit_identical_outputs():
-    model = tiny()
+    model = tiny_model()
     before = logits(model, IDS)
     patch_model(model, config_for(model, **SPARSE))
     patch_model(model, config_for(model, **SPARSE))  # twice is harmless
@@ -74,7 +56,7 @@ def test_unpatch_restores_bit_identical_outputs():
     ],
 )
 def test_full_budget_equals_dense(kind, head):
-    model = tiny(kind)
+    model = tiny_model(kind)
     dense = logits(model, IDS)
     patch_model(model, config_for(model, **head))
     sparse = logits(model, IDS)
@@ -84,7 +66,7 @@ def test_full_budget_equals_dense(kind, head):
 
 
 def test_left_padding_equals_per_sample_runs():
-    model = tiny()
+    model = tiny_model()
     patch_model(model, config_for(model, **SPARSE))
     a, b = IDS[:, :300], IDS[:, 50:250]
     ids = torch.cat([a, torch.cat([torch.zeros(1, 100, dtype=torch.long), b], 1)])
@@ -97,7 +79,7 @@ def test_left_padding_equals_per_sample_runs():
 
 
 def test_chunked_prefill_runs_sparse_on_the_new_queries():
-    model = tiny()
+    model = tiny_model()
     full = logits(model, IDS)
     patch_model(model, config_for(model, pattern="vertical_slash", vertical=400, slash=400))
     cache = DynamicCache(config=model.config)
@@ -109,7 +91,7 @@ def test_chunked_prefill_runs_sparse_on_the_new_queries():
 
 
 def test_short_prompts_and_decode_take_the_stock_path():
-    model = tiny()
+    model = tiny_model()
     patch_model(model, config_for(model, **SPARSE), min_seq_len=301)
     logits(model, IDS)
     assert [r.path for r in last_report(model)] == ["dense", "dense"]
@@ -122,7 +104,7 @@ def test_short_prompts_and_decode_take_the_stock_path():
 
 
 def test_mask_other_than_left_padding_runs_dense_with_one_warning(caplog):
-    model = tiny()
+    model = tiny_model()
     patch_model(model, config_for(model, **SPARSE))
     mask = torch.ones(2, 300, dtype=torch.long)
     mask[1, 250:] = 0  # right padding
@@ -134,7 +116,7 @@ def test_mask_other_than_left_padding_runs_dense_with_one_warning(caplog):
 
 
 def test_qwen2_sliding_window_layers_stay_dense():
-    model = tiny(
+    model = tiny_model(
         "qwen2",
         use_sliding_window=True,
         sliding_window=64,
@@ -156,7 +138,7 @@ def test_unsupported_model_is_refused_and_left_alone():
 
 @pytest.mark.parametrize("bad", [dict(num_heads=8), dict(num_layers=3)])
 def test_wrong_config_leaves_the_model_unpatched(bad):
-    model = tiny()
+    model = tiny_model()
     info = adapter_for(model).model_info(model)
     config = SparseConfig.uniform(type(info)(**{**vars(info), **bad}), min_seq_len=0)
     with pytest.raises(ConfigError, match="config was made for"):
@@ -165,7 +147,7 @@ def test_wrong_config_leaves_the_model_unpatched(bad):
 
 
 def test_bad_arguments():
-    model = tiny()
+    model = tiny_model()
     with pytest.raises(ValueError, match="backend"):
         patch_model(model, backend="cuda")
     with pytest.raises(ValueError, match="min_seq_len"):
@@ -176,7 +158,7 @@ def test_bad_arguments():
 
 
 def test_default_config_without_a_shipped_one():
-    model = tiny()
+    model = tiny_model()
     config = patch_model(model)
     assert config.min_seq_len == 32768
     assert {s.pattern for heads in config.layers for s in heads} == {"vertical_slash"}
@@ -218,7 +200,7 @@ def test_smollm2_sparse_answers_the_passkey(smollm2, passkey):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_kernel_path_matches_the_torch_path(dtype):
-    model = tiny(head_dim=64).to("cuda", dtype)  # the kernels take head_dim 64 and 128
+    model = tiny_model(head_dim=64).to("cuda", dtype)  # the kernels take head_dim 64 and 128
     ids = torch.randint(0, 128, (2, 700), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :90] = 0
