@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec  # noqa: E402
 from sparse_prefill.estimate import build_index  # noqa: E402
-from sparse_prefill.index import block_mask, col_mask, tile_density  # noqa: E402
+from sparse_prefill.index import block_mask, col_mask, rows_mask, tile_density  # noqa: E402
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # query heads, kv heads, head_dim
 PATTERNS = {
@@ -226,13 +226,11 @@ def exact_rows(q, k, v, index, rows, scale, dtype=torch.float32) -> torch.Tensor
     """Attention of the given query rows under the index's exact mask, computed in ``dtype``: [R, H, D]."""
     G = q.shape[1] // k.shape[1]
     blocks, cols = block_mask(index, 0), col_mask(index, 0)  # [H, M, N], [H, S]
-    keys = torch.arange(k.shape[2], device=q.device)
     kk = k[0].to(dtype).repeat_interleave(G, 0)
     vv = v[0].to(dtype).repeat_interleave(G, 0)
     out = []
     for chunk in rows.split(32):
-        causal = keys[None, :] <= chunk[:, None]
-        mask = causal & (blocks[:, chunk // 64][..., keys // 64] | cols[:, None, :])  # [H, R, S]
+        mask = rows_mask(blocks, cols, 0, chunk)  # [H, R, S]; one unpadded sample, q_len == kv_len
         s = (q[0, :, chunk].to(dtype) @ kk.transpose(-1, -2)).float() * scale
         p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).to(dtype)
         out.append((p @ vv).float().transpose(0, 1))

@@ -194,20 +194,25 @@ def col_mask(index: SparseIndex, b: int) -> torch.Tensor:
     return out[:, :length]
 
 
+def rows_mask(blocks: torch.Tensor, cols: torch.Tensor, first_pos: int, rows: torch.Tensor) -> torch.Tensor:
+    """[H, R, L] bool mask of some query rows of one sample, from its :func:`block_mask` and :func:`col_mask`.
+
+    ``rows`` counts from the sample's first valid query, which sits at local position ``first_pos``; columns are local
+    key positions. Callers that mask many row chunks build ``blocks`` and ``cols`` once.
+    """
+    k = torch.arange(cols.shape[-1], device=rows.device)
+    causal = k[None, :] <= (first_pos + rows)[:, None]
+    return causal & (blocks[:, rows // BLOCK][..., k // BLOCK] | cols[:, None, :])
+
+
 def sample_mask(index: SparseIndex, b: int, rows: slice | None = None) -> torch.Tensor:
     """[H, R, kv_len - kv_start[b]] bool mask of sample b over its valid query rows (or the given slice of them).
 
     Rows are counted from the sample's first valid query; columns are local key positions.
     """
     q_start, off = query_offsets(index.q_len, index.kv_len, index.kv_start)
-    q_start, off = int(q_start[b]), int(off[b])
-    length = index.kv_len - int(index.kv_start[b])
-    rows = rows or slice(0, index.q_len - q_start)
-    r = torch.arange(index.q_len - q_start, device=index.diag_mask.device)[rows]
-    k = torch.arange(length, device=r.device)
-    blocks = block_mask(index, b)[:, r // BLOCK][..., k // BLOCK]  # [H, R, L]
-    causal = k[None, :] <= (off + r)[:, None]
-    return causal & (blocks | col_mask(index, b)[:, None, :])
+    r = torch.arange(index.q_len - int(q_start[b]), device=index.diag_mask.device)[rows or slice(None)]
+    return rows_mask(block_mask(index, b), col_mask(index, b), int(off[b]), r)
 
 
 def token_mask(index: SparseIndex) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .index import BLOCK, SparseIndex, query_offsets, sample_mask
+from .index import BLOCK, SparseIndex, block_mask, col_mask, query_offsets, rows_mask
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -52,15 +52,16 @@ def sparse_attention_torch(
     """
     B, H, Sq, D = q.shape
     out = torch.zeros(B, Sq, H, D, dtype=q.dtype, device=q.device)
-    q_start, _ = query_offsets(Sq, k.shape[2], index.kv_start)
+    q_start, first_pos = query_offsets(Sq, k.shape[2], index.kv_start)
     for b in range(B):
         qs, ks = int(q_start[b]), int(index.kv_start[b])
         rows = Sq - qs
         chunk = max(BLOCK, max_mask_elems // (H * (k.shape[2] - ks)) // BLOCK * BLOCK)
         kb, vb = k[b : b + 1, :, ks:], v[b : b + 1, :, ks:]
+        blocks, cols = block_mask(index, b), col_mask(index, b)  # once per sample, sliced per chunk
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
-            mask = sample_mask(index, b, slice(r0, r1))
+            mask = rows_mask(blocks, cols, int(first_pos[b]), torch.arange(r0, r1, device=q.device))
             o = F.scaled_dot_product_attention(
                 q[b : b + 1, :, qs + r0 : qs + r1], kb, vb, attn_mask=mask[None], scale=scale, enable_gqa=True
             )
