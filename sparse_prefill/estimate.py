@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import HeadSpec
 from .index import BLOCK, SparseIndex, block_bases, cdiv, make_index, query_offsets, slash_diagonals
+from .kernels import scores_supported, vertical_slash_scores_triton
 
 
 class LayerPlan:
@@ -149,9 +150,20 @@ def vertical_slash_scores(
 
     Causal softmax attention of each head's last ``last_q[i]`` queries over all keys (padding keys and padding
     queries get probability 0), summed per key column and per diagonal offset (query position - key position).
-    Computed one KV head at a time: the only large buffer is that KV head's [B, group, L, Sk] probabilities, and K/V
+    On CUDA a streaming Triton kernel computes them without any [L, Sk] buffer. Here (CPU, or shapes it does not
+    take) one KV head at a time: the only large buffer is that KV head's [B, group, L, Sk] probabilities, and K/V
     are never repeated.
     """
+    rows = min(max(last_q), q.shape[2])
+    if scores_supported(q, rows):
+        return vertical_slash_scores_triton(q, k, const(heads, q.device), const(last_q, q.device), rows, scale, starts)
+    return vertical_slash_scores_torch(q, k, heads, last_q, scale, starts)
+
+
+def vertical_slash_scores_torch(
+    q: torch.Tensor, k: torch.Tensor, heads: list[int], last_q: list[int], scale: float, starts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`vertical_slash_scores` in plain torch, on any device."""
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
     group = H // k.shape[1]
@@ -276,11 +288,15 @@ def block_diagonal_mass(slash: torch.Tensor, q_len: int, kv_len: int, starts: to
 
 
 def _mean_pool(x: torch.Tensor) -> torch.Tensor:
-    """[h, S, D] -> [h, cdiv(S, BLOCK), D] means over BLOCK rows (the last block over the rows it has)."""
+    """[h, S, D] -> [h, cdiv(S, BLOCK), D] fp32 means over BLOCK rows (the last block over the rows it has).
+
+    Sums in fp32 straight from x: no fp32 or padded copy of it."""
     S = x.shape[1]
-    n = cdiv(S, BLOCK)
-    sums = F.pad(x.float(), (0, 0, 0, n * BLOCK - S)).unflatten(1, (n, BLOCK)).sum(2)
-    counts = (S - torch.arange(n, device=x.device) * BLOCK).clamp(max=BLOCK)
+    full = S // BLOCK
+    sums = x[:, : full * BLOCK].unflatten(1, (full, BLOCK)).sum(2, dtype=torch.float32)
+    if full * BLOCK < S:
+        sums = torch.cat([sums, x[:, full * BLOCK :].sum(1, keepdim=True, dtype=torch.float32)], 1)
+    counts = (S - torch.arange(sums.shape[1], device=x.device) * BLOCK).clamp(max=BLOCK)
     return sums / counts[None, :, None]
 
 
@@ -302,9 +318,10 @@ def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: floa
         j = torch.arange(Nb, device=q.device)
         top = base[b, :Mb, None]
         own = (off[b] + torch.arange(Mb, device=q.device) * BLOCK)[:, None] // BLOCK  # block of the first row
+        pooled_q = _mean_pool(q[b, :, qs:])  # [H, Mb, D]: every head, pooled before any selection copies it
         for kv0, kv1, sel in _kv_chunks(heads, group, Mb * Nb * 4):
             rows = const([heads[i] for i in sel], q.device)
-            pq = _mean_pool(q[b, :, qs:].index_select(0, rows)).unflatten(0, (kv1 - kv0, -1))  # [kv, g, Mb, D]
+            pq = pooled_q.index_select(0, rows).unflatten(0, (kv1 - kv0, -1))  # [kv, g, Mb, D]
             scores = (pq @ pooled_k[kv0:kv1, None].transpose(-1, -2)).flatten(0, 1) * scale  # [h, Mb, Nb]
             scores = scores.masked_fill(j[None, :] > top, float("-inf"))
             scores = scores.masked_fill((j[None, :] >= own) & (j[None, :] <= top), float("inf"))

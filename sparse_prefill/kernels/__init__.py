@@ -4,14 +4,20 @@ from __future__ import annotations
 
 try:
     from .sparse_attention import sparse_attention_triton, supports
+    from .vs_scores import scores_supported, vertical_slash_scores_triton
 except ImportError as err:  # no triton on this platform
     _reason = f"triton unavailable: {err}"
 
     def supports(q, k) -> str | None:
         return _reason
 
+    def scores_supported(q, last_q) -> bool:
+        return False
+
     def sparse_attention_triton(*args, **kwargs):
         raise RuntimeError(_reason)
 
+    vertical_slash_scores_triton = sparse_attention_triton
 
-__all__ = ["sparse_attention_triton", "supports"]
+
+__all__ = ["scores_supported", "sparse_attention_triton", "supports", "vertical_slash_scores_triton"]
