@@ -38,6 +38,10 @@ class Adapter:
             raise UnsupportedModelError(f"{type(model).__name__}: expected decoder layers at model.model.layers") from e
         return [layer.self_attn for layer in layers]
 
+    def head_projections(self, attention) -> tuple:
+        """The query and key projections of one attention module (tensor parallelism shards them by head)."""
+        return attention.q_proj, attention.k_proj
+
     def dense_layers(self, model) -> set[int]:
         """Layers whose attention the sparse patterns do not model (they stay dense)."""
         return set()
