@@ -64,7 +64,7 @@ def shard_heads(num_heads: int, num_kv_heads: int, tp_size: int, rank: int) -> H
     return HeadShard(range(rank * q, (rank + 1) * q), range(rank * kv, (rank + 1) * kv), rank, tp_size)
 
 
-def _colwise_shard(weight: torch.Tensor, name: str) -> tuple[int, int, object] | None:
+def _colwise_shard(weight: torch.Tensor | None, name: str) -> tuple[int, int, object] | None:
     """(rank, size, group) along the mesh dim where a [out, in] weight is split by output rows; None if it is not."""
     if not torch.distributed.is_available():
         return None
@@ -85,7 +85,7 @@ def _colwise_shard(weight: torch.Tensor, name: str) -> tuple[int, int, object] |
     return mesh.get_local_rank(dim), mesh.size(dim), mesh.get_group(dim)
 
 
-def head_shard(q_proj: torch.nn.Module, k_proj: torch.nn.Module, info: ModelInfo) -> HeadShard:
+def head_shard(q_proj: torch.nn.Module | None, k_proj: torch.nn.Module | None, info: ModelInfo) -> HeadShard:
     """The heads this process holds of one attention module, from its query and key projections.
 
     All heads unless transformers' tensor parallelism split the projections colwise; then the rank along the TP mesh
@@ -94,7 +94,8 @@ def head_shard(q_proj: torch.nn.Module, k_proj: torch.nn.Module, info: ModelInfo
     Raises:
         ValueError: q_proj and k_proj are split differently, or the split does not give each rank whole heads.
     """
-    q, k = _colwise_shard(q_proj.weight, "q_proj"), _colwise_shard(k_proj.weight, "k_proj")
+    q = _colwise_shard(getattr(q_proj, "weight", None), "q_proj")
+    k = _colwise_shard(getattr(k_proj, "weight", None), "k_proj")
     q_split, k_split = (s[:2] if s else "unsplit" for s in (q, k))
     if q_split != k_split:
         raise ValueError(

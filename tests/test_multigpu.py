@@ -85,6 +85,7 @@ def test_unsharded_projections_hold_every_head():
     info = adapter_for(model).model_info(model)
     shard = head_shard(*adapter_for(model).head_projections(model.model.layers[0].self_attn), info)
     assert (shard.q_heads, shard.kv_heads, shard.rank, shard.size, shard.group) == (range(4), range(2), 0, 1, None)
+    assert head_shard(None, None, info) == shard  # a module without separate q/k projections: taken as unsharded
 
 
 def test_a_call_with_other_heads_than_patched_is_an_error():
