@@ -187,21 +187,25 @@ def test_gpu_device_map_runs_each_layer_on_its_device(tmp_path, placement):
 # --- transformers tensor parallelism, 2 processes ------------------------------------------------------------------
 
 
+def run_ranks(model_dir: Path, config: SparseConfig, ids: torch.Tensor, out: Path, dtype: str, cpu: bool) -> list:
+    """tests/tp_worker.py on 2 ranks under torchrun; each rank's results."""
+    save_config(config, out / "config.json")
+    torch.save(ids, out / "ids.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if cpu:  # gloo on the CPU whatever the machine has
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = [str(ROOT / "tests" / "tp_worker.py"), str(model_dir), str(out / "config.json"), str(out / "ids.pt")]
+    result = subprocess.run(command + args + [str(out), dtype], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_tensor_parallel_two_ranks_match_one_process(saved_model, tmp_path):
     whole = AutoModelForCausalLM.from_pretrained(saved_model).eval()
     config = mixed_config(whole)
-    save_config(config, tmp_path / "config.json")
-    torch.save(IDS, tmp_path / "ids.pt")
-    # Gloo on CPU whatever the machine has: the test checks the head slicing, not the GPUs.
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    args = [str(ROOT / "tests" / "tp_worker.py"), str(saved_model), str(tmp_path / "config.json")]
-    result = subprocess.run(
-        command + args + [str(tmp_path / "ids.pt"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = run_ranks(saved_model, config, IDS, tmp_path, "float32", cpu=True)
 
     patch_model(whole, config)
     want = logits(whole)
@@ -223,3 +227,22 @@ def test_tensor_parallel_two_ranks_match_one_process(saved_model, tmp_path):
     swapped = mixed_config(whole, [heads[2:] + heads[:2] for heads in MIXED])
     patch_model(whole, swapped)
     assert (logits(whole) - ranks[0]["logits"]).abs().max() > 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_gpu_tensor_parallel_two_gpus_match_one_gpu(tmp_path):
+    tiny_model(head_dim=64).save_pretrained(tmp_path / "model")  # the kernels take head_dim 64 and 128
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16).to("cuda:0").eval()
+    config = mixed_config(whole)
+    ids = torch.randint(0, 128, (1, 700), generator=torch.Generator().manual_seed(2))
+    ranks = run_ranks(tmp_path / "model", config, ids, tmp_path, "bfloat16", cpu=False)  # NCCL, Triton on each GPU
+    patch_model(whole, config)
+    want = logits(whole, ids.to("cuda:0")).cpu()
+    for r, got in enumerate(ranks):
+        heads = [2 * r, 2 * r + 1]
+        assert got["local"] == [(heads, [MIXED[layer][h].pattern for h in heads], "sparse") for layer in range(2)]
+        assert [(e["heads"], e["patterns"]) for e in got["report"]] == [
+            (e["heads"], e["patterns"]) for e in _json(whole)
+        ]
+        assert_close(got["logits"], want, 5e-2, 5e-2)

@@ -1,4 +1,4 @@
-"""One rank of the tensor-parallel test: ``torchrun --nproc-per-node N tests/tp_worker.py MODEL CONFIG IDS OUT``.
+"""One rank of the tensor-parallel test: ``torchrun --nproc-per-node N tests/tp_worker.py MODEL CONFIG IDS OUT DTYPE``.
 
 Loads MODEL with transformers' tensor parallelism (the model's own tp_plan, one slice of the heads per rank),
 patches it with CONFIG, runs a prefill and a short greedy generate on the token ids saved in IDS, and writes what
@@ -17,13 +17,13 @@ from sparse_prefill.patches import adapter_for
 
 
 def main() -> None:
-    model_dir, config_path, ids_path, out_dir = sys.argv[1:]
+    model_dir, config_path, ids_path, out_dir, dtype = sys.argv[1:]
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, distributed_config=DistributedConfig(tp_plan="auto"), dtype=torch.float32
+        model_dir, distributed_config=DistributedConfig(tp_plan="auto"), dtype=getattr(torch, dtype)
     ).eval()
     patch_model(model, config_path)
     info = adapter_for(model).model_info(model)
-    ids = torch.load(ids_path)
+    ids = torch.load(ids_path).to(model.device)
     with torch.no_grad():
         logits = model(ids).logits
         local = [(list(r.heads), r.patterns, r.path) for r in last_report(model)]
@@ -39,10 +39,10 @@ def main() -> None:
         unsplit_k_proj = str(e).split(" ((")[0]
     torch.save(
         {
-            "logits": logits,
+            "logits": logits.cpu(),
             "local": local,
             "report": report,
-            "tokens": tokens,
+            "tokens": tokens.cpu(),
             "q_proj_local_rows": q_proj.to_local().shape[0],
             "tp_size": model.tp_size,
             "unsplit_k_proj": unsplit_k_proj,
