@@ -10,6 +10,8 @@ and loaded through the public API, so the split is exactly what users get:
     # transformers tensor parallelism: every rank holds half of each layer's heads (tp_plan="auto")
     torchrun --nproc-per-node 2 scripts/bench_multigpu.py --mode tp --shapes llama3-8b --lengths 64k,128k,256k \\
         --out DIR
+    # the checkpoints alone (written once, then reused: a 33B one takes minutes)
+    python scripts/bench_multigpu.py --mode device_map --shapes llama3-8b,deep-33b --build-only
     # the same code paths on a tiny model on the CPU (device_map with disk offload; 2 gloo ranks); on a machine
     # with GPUs, hide them (CUDA_VISIBLE_DEVICES=) so that transformers' TP takes the CPU too
     python scripts/bench_multigpu.py --smoke --mode device_map
@@ -240,6 +242,7 @@ def main() -> None:
     ap.add_argument("--ckpt-root", default="out/ckpt", help="where the random-init checkpoints are written once")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script, measures nothing")
+    ap.add_argument("--build-only", action="store_true", help="write the checkpoints of --shapes and stop")
     args = ap.parse_args()
     if args.smoke:
         args.shapes, args.lengths, args.warmup_len = "smoke", "256,512", 128
@@ -259,6 +262,8 @@ def main() -> None:
     name = f"bench_multigpu_{args.mode}_{args.shapes.replace(',', '_')}"
     for shape in args.shapes.split(","):
         path = ensure_checkpoint(shape, Path(args.ckpt_root), max(lengths), dtype, build_device, rank)
+        if args.build_only:
+            continue
         with tempfile.TemporaryDirectory() as offload:
             model = load(path, args.mode, dtype, args.smoke, offload).eval()
             devices = gpus(model, args.mode)
@@ -283,7 +288,7 @@ def main() -> None:
         rows += [{**common, **row} for row in dense + patched]
         if rank == 0:
             write(rows, out, name, device, versions)
-    if tp:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
