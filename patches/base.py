@@ -38,6 +38,11 @@ class Adapter:
             raise UnsupportedModelError(f"{type(model).__name__}: expected decoder layers at model.model.layers") from e
         return [layer.self_attn for layer in layers]
 
+    def head_projections(self, attention) -> tuple:
+        """The query and key projections of one attention module (tensor parallelism shards them by head); None for
+        one the module does not have (e.g. a fused projection under ``force=True``: then it is taken as unsharded)."""
+        return getattr(attention, "q_proj", None), getattr(attention, "k_proj", None)
+
     def dense_layers(self, model) -> set[int]:
         """Layers whose attention the sparse patterns do not model (they stay dense)."""
         return set()

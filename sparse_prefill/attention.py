@@ -40,10 +40,13 @@ _DENSE_BACKENDS = [
 
 @dataclass
 class LayerRecord:
-    """What one layer did on its last call. ``density`` is per (sample, head), computed when first read."""
+    """What one layer did on its last call. ``density`` is per (sample, head), computed when first read; ``heads``
+    gives the global id of each head (this rank's slice under tensor parallelism), ``patterns`` and ``density``
+    follow its order."""
 
     layer: int
     path: str
+    heads: tuple[int, ...] = ()
     reason: str = ""
     patterns: list[str] = field(default_factory=list)
     q_len: int = 0
@@ -69,6 +72,7 @@ class PatchState:
     backend: str
     records: dict[int, LayerRecord] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
+    tp_group: object = None  # the tensor-parallel process group this rank shares the heads in; None: unsharded
     _mask_ref: object = None
     _mask_starts: list[int] | None = None
 
@@ -101,8 +105,9 @@ class PatchState:
 @dataclass
 class LayerState:
     layer: int
-    plan: LayerPlan
+    plan: LayerPlan  # the specs of the heads this process holds
     patch: PatchState
+    heads: tuple[int, ...]  # their global ids
 
     @property
     def all_dense(self) -> bool:
@@ -155,8 +160,14 @@ def sparse_prefill_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if query.shape[1] != len(state.heads):
+        raise ValueError(
+            f"layer {state.layer}: the attention call has {query.shape[1]} query heads, but the patch holds "
+            f"{len(state.heads)} (global heads {state.heads[0]}..{state.heads[-1]}); the model was split or reshaped "
+            "after patch_model: patch it again"
+        )
     patch = state.patch
-    record = LayerRecord(state.layer, "dense", q_len=q_len, kv_len=kv_len)
+    record = LayerRecord(state.layer, "dense", state.heads, q_len=q_len, kv_len=kv_len)
     patch.records[state.layer] = record
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     dense = lambda: dense_attention(  # noqa: E731
@@ -181,10 +192,13 @@ def sparse_prefill_attention(
     if run is None:
         record.reason = "no sparse backend for this input"
         return dense()
-    index = state.plan.index(query, key, scale, kv_start)
+    # Triton launches on the current CUDA device: make it this layer's (a model split by device_map spans several).
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        index = state.plan.index(query, key, scale, kv_start)
+        out = run(query, key, value, index, scale)
     record.path, record.reason, record.index = "sparse", "", index
     record.patterns = [h.pattern for h in state.plan.heads]
-    return run(query, key, value, index, scale), None
+    return out, None
 
 
 def _backend(patch: PatchState, query: torch.Tensor, key: torch.Tensor):

@@ -13,6 +13,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .attention import ATTN_NAME, LAYERS, LayerRecord, LayerState, PatchState, sparse_prefill_attention
 from .config import ConfigError, HeadSpec, ModelInfo, SparseConfig, load_config
 from .estimate import LayerPlan
+from .parallel import head_shard
 from .patches import adapter_for
 
 BACKENDS = ("auto", "triton", "torch")
@@ -87,10 +88,14 @@ def patch_model(
         The config in use.
     Raises:
         ConfigError: the config is invalid or made for another shape. UnsupportedModelError: unknown model type.
-        Either way the model is left as it was.
+        ValueError: a tensor-parallel split that does not map to whole heads. In each case the model is left as it was.
 
     Decode steps (one query) always take the stock SDPA path. Patching again replaces the config; ``unpatch_model``
     restores the implementation the model had before the first patch.
+
+    Split models: under accelerate's ``device_map`` (offload included) every layer runs on its own device. Under
+    transformers' tensor parallelism (``tp_plan``) each rank holds a slice of the heads and gets the specs of its
+    global heads (:mod:`sparse_prefill.parallel`); patch on every rank, with the same config.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
@@ -104,18 +109,23 @@ def patch_model(
     cfg.check_model(info)
     modules = adapter.attention_modules(model)
     dense_layers = adapter.dense_layers(model)
+    shards = [head_shard(*adapter.head_projections(module), info) for module in modules]
 
     _register()
     previous = _PATCHED[model][0] if model in _PATCHED else model.config._attn_implementation
     if model in _PATCHED:
         _drop_layers(model)
-    state = PatchState(min_seq_len=cfg.min_seq_len if min_seq_len is None else min_seq_len, backend=backend)
+    state = PatchState(
+        min_seq_len=cfg.min_seq_len if min_seq_len is None else min_seq_len,
+        backend=backend,
+        tp_group=shards[0].group if shards else None,
+    )
     dense = [HeadSpec("dense")] * info.num_heads
     plans: dict[str, LayerPlan] = {}  # layers with the same head specs share a plan, and so its cached indices
-    for layer, module in enumerate(modules):
-        heads = dense if layer in dense_layers else cfg.layers[layer]
+    for layer, (module, shard) in enumerate(zip(modules, shards)):
+        heads = (dense if layer in dense_layers else cfg.layers[layer])[shard.q_heads.start : shard.q_heads.stop]
         plan = plans.setdefault(json.dumps([h.to_dict() for h in heads]), LayerPlan(heads))
-        LAYERS[module] = LayerState(layer, plan, state)
+        LAYERS[module] = LayerState(layer, plan, state, tuple(shard.q_heads))
     _PATCHED[model] = (previous, state, modules)
     model.set_attn_implementation(ATTN_NAME)
     return cfg
@@ -141,7 +151,10 @@ def is_patched(model) -> bool:
 
 
 def last_report(model) -> list[LayerRecord]:
-    """Per layer, what its last prefill call did: path ("sparse" / "dense"), why, patterns and tile density."""
+    """Per layer, what its last prefill call did: path ("sparse" / "dense"), why, patterns and tile density.
+
+    ``heads`` are the global ids of the heads this process ran (all of them unless the model is tensor-parallel; then
+    :func:`sparse_prefill.parallel.gather_report` collects every rank's)."""
     if model not in _PATCHED:
         raise ValueError("model: not patched by sparse_prefill")
     records = _PATCHED[model][1].records
@@ -152,7 +165,14 @@ def report_json(model) -> str:
     """:func:`last_report` as JSON (densities per sample and head)."""
     return json.dumps(
         [
-            {"layer": r.layer, "path": r.path, "reason": r.reason, "patterns": r.patterns, "density": r.density}
+            {
+                "layer": r.layer,
+                "path": r.path,
+                "reason": r.reason,
+                "heads": list(r.heads),
+                "patterns": r.patterns,
+                "density": r.density,
+            }
             for r in last_report(model)
         ]
     )
