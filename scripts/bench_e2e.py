@@ -214,10 +214,9 @@ def prefill(model, ids):
         return model(ids, use_cache=True, logits_to_keep=1)
 
 
-def dense_context(device: str):
-    """SDPA with cuDNN first (as the package's dense fallback does)."""
-    if device != "cuda":
-        return contextlib.nullcontext()
+def dense_context():
+    """SDPA with cuDNN first (as the package's dense fallback does). A fresh context manager per call: they are
+    single-use."""
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return sdpa_kernel(order, set_priority=True)
 
@@ -310,20 +309,20 @@ def run_group(model, name, info, S, args, clock, rows, meta, out) -> None:
         rows.append(row)
         return row
 
-    def stock(ctx):
+    def stock(context):
         def fn():
-            with ctx:
+            with context():
                 return prefill(model, ids)
 
         return fn
 
     model.set_attn_implementation("sdpa")
-    dense = add("dense", *clock.run(stock(dense_context(device)), args.reps), path="dense SDPA cuDNN")
+    dense = add("dense", *clock.run(stock(dense_context), args.reps), path="dense SDPA cuDNN")
     if device == "cuda" and flash_attn_error() is None:
         model.set_attn_implementation("flash_attention_2")
-        add("dense_flash_attn", *clock.run(stock(contextlib.nullcontext()), args.reps), path="dense flash-attn")
+        add("dense_flash_attn", *clock.run(stock(contextlib.nullcontext), args.reps), path="dense flash-attn")
     model.set_attn_implementation(SKIP)
-    ceiling = add("ceiling", *clock.run(stock(contextlib.nullcontext()), args.reps), path="attention skipped")
+    ceiling = add("ceiling", *clock.run(stock(contextlib.nullcontext), args.reps), path="attention skipped")
     model.set_attn_implementation("sdpa")
     for config_name, config in sparse_configs(info).items():
         patch_model(model, config, min_seq_len=args.min_seq_len)
