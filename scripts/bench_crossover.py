@@ -89,7 +89,10 @@ def table_lines(dev_class: str, results: dict, date: str) -> list[str]:
     lines = []
     for D, res in sorted(results.items(), reverse=True):
         if res["crossover"] is None:
-            lines.append(f"# {dev_class}, head_dim {D}: sparse never won up to {res['max_S']}; keep the fallback")
+            lines.append(
+                f"# ({dev_class!r}, {D}): sparse never won up to {res['max_S']}: remove any entry for it (the fallback "
+                "applies), or measure longer --lengths"
+            )
             continue
         lines.append(
             f'    ("{dev_class}", {D}): {res["crossover"]},  # scripts/bench_crossover.py {date}: '

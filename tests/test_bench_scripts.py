@@ -50,7 +50,8 @@ def test_table_lines_paste_into_the_tables():
     lines = bench.table_lines("H100", results, "2026-01-01")
     pasted = eval("{" + "\n".join(lines) + "\n}")  # the printed lines are Python dict entries
     assert pasted == {("H100", 128): 24576, ("H100", 64): "flash_attn"}
-    assert "sparse never won up to 65536" in lines[1] and "dense 1.25x at 16384" in lines[0]
+    assert "('H100', 64): sparse never won up to 65536: remove any entry" in lines[1]
+    assert "sparse 1.08x at 24576, dense 1.25x at 16384" in lines[0]
 
 
 @pytest.mark.parametrize("heads,want", [(32, (4, 2, 1, 25)), (28, (3, 1, 1, 23)), (4, (1, 1, 1, 1))])
