@@ -6,7 +6,8 @@ and picks one path per call:
 
 * ``decode``: q_len == 1 -> the stock SDPA function, untouched;
 * ``dense``: prompt shorter than ``min_seq_len``, every head dense, or an input the sparse path does not cover
-  (a mask that is not causal + left padding, dropout, soft-capping, sliding window) -> SDPA;
+  (a mask that is not causal + left padding, dropout, soft-capping, sliding window) -> SDPA (cuDNN first), or
+  flash-attn where :mod:`sparse_prefill.devices` measured it faster (or ``dense_backend="flash_attn"`` asks for it);
 * ``sparse``: build the index for all heads (:func:`~sparse_prefill.estimate.build_index`) and run it on one backend:
   the Triton kernel on CUDA, the blockwise torch path elsewhere.
 """
@@ -22,6 +23,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .config import AUTO
+from .devices import dense_backend_for, device_class, load_flash_attn, min_seq_len_for
 from .estimate import LayerPlan
 from .index import SparseIndex, tile_density
 from .reference import sparse_attention_torch
@@ -68,18 +71,33 @@ class LayerRecord:
 class PatchState:
     """Shared by the layers of one patched model."""
 
-    min_seq_len: int
+    min_seq_len: int | str  # an integer, or "auto": the measured crossover of the call's device and head_dim
     backend: str
+    dense_backend: str = "auto"
     records: dict[int, LayerRecord] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
     tp_group: object = None  # the tensor-parallel process group this rank shares the heads in; None: unsharded
     _mask_ref: object = None
     _mask_starts: list[int] | None = None
+    _resolved: dict = field(default_factory=dict)
 
     def warn_once(self, message: str) -> None:
         if message not in self.warned:
             self.warned.add(message)
             logger.warning(message)
+
+    def resolved(self, query: torch.Tensor) -> tuple[int, str, str]:
+        """(min_seq_len, where it came from, dense backend) for the device and head_dim of ``query``; looked up once
+        per (device, head_dim)."""
+        key = (query.device, query.shape[-1])
+        if key not in self._resolved:
+            dev_class = device_class(query.device)
+            if self.min_seq_len == AUTO:
+                min_len, source = min_seq_len_for(dev_class, query.shape[-1])
+            else:
+                min_len, source = self.min_seq_len, "set"
+            self._resolved[key] = (min_len, source, dense_backend_for(self.dense_backend, dev_class, query.shape[-1]))
+        return self._resolved[key]
 
     def kv_start(self, mask: torch.Tensor | None, batch: int) -> list[int] | None:
         """First valid key per sample, or None when the mask is more than causal + left padding.
@@ -123,6 +141,36 @@ def dense_attention(module, query, key, value, attention_mask, **kwargs):
     ctx = sdpa_kernel(_DENSE_BACKENDS, set_priority=True) if query.is_cuda else contextlib.nullcontext()
     with ctx:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def flash_unsupported(query, key, attention_mask, kwargs: dict) -> str:
+    """Why flash-attn cannot run this dense call ("" when it can). It runs causal prefill without a mask only: a
+    padding mask or q_len != kv_len stays on SDPA, which reads the mask transformers built."""
+    if not query.is_cuda:
+        return "not a CUDA tensor"
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {query.dtype}"
+    if attention_mask is not None:
+        return "an attention mask"
+    if query.shape[2] != key.shape[2]:
+        return "q_len != kv_len"
+    if query.shape[-1] > 256:
+        return f"head_dim {query.shape[-1]}"
+    return _unsupported(kwargs, 0.0)
+
+
+def flash_attention(query, key, value, dropout: float, scaling: float) -> tuple[torch.Tensor, None]:
+    """Causal attention with flash-attn's ``flash_attn_func`` (GQA-native): query [B, Hq, S, D], key/value
+    [B, Hkv, S, D] -> ([B, S, Hq, D], None), the layout transformers expects."""
+    out = load_flash_attn()(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        dropout_p=dropout,
+        softmax_scale=scaling,
+        causal=True,
+    )
+    return out, None
 
 
 def _unsupported(kwargs: dict, dropout: float) -> str:
@@ -173,11 +221,18 @@ def sparse_prefill_attention(
     dense = lambda: dense_attention(  # noqa: E731
         module, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs
     )
+    min_seq_len, source, dense_backend = patch.resolved(query)
+    if dense_backend == "flash_attn":
+        if reason := flash_unsupported(query, key, attention_mask, kwargs):
+            if patch.dense_backend == "flash_attn":
+                patch.warn_once(f"sparse_prefill: flash-attn cannot run this input ({reason}); dense calls use SDPA")
+        else:
+            dense = lambda: flash_attention(query, key, value, dropout, scale)  # noqa: E731
     if state.all_dense:
         record.reason = "all heads dense"
         return dense()
-    if kv_len < patch.min_seq_len:
-        record.reason = f"kv_len {kv_len} < min_seq_len {patch.min_seq_len}"
+    if kv_len < min_seq_len:
+        record.reason = f"kv_len {kv_len} < min_seq_len {min_seq_len} ({source})"
         return dense()
     if reason := _unsupported(kwargs, dropout):
         record.reason = f"{reason} is not supported by the sparse path"

@@ -313,7 +313,7 @@ def measure(model, prompts: list[Prompt], candidates: list[HeadSpec], seed: int,
     return torch.stack(rec).cpu(), torch.stack(dens).cpu()
 
 
-def build_config(info: ModelInfo, choice, recall, density, candidates, min_seq_len: int, provenance: dict):
+def build_config(info: ModelInfo, choice, recall, density, candidates, min_seq_len: int | str, provenance: dict):
     """The SparseConfig of the chosen candidates, with per-head achieved recall (worst sample) and density (mean)."""
 
     def pick(t: torch.Tensor) -> torch.Tensor:  # [N, L, C, H] -> [N, L, H] at the chosen candidates
@@ -360,7 +360,7 @@ def calibrate(
     target: float = 0.9,
     budget: float | None = 0.5,
     text: str | None = None,
-    min_seq_len: int = DEFAULT_MIN_SEQ_LEN,
+    min_seq_len: int | str = DEFAULT_MIN_SEQ_LEN,
     candidates: list[HeadSpec] = CANDIDATES,
     progress: bool = True,
 ) -> SparseConfig:
@@ -424,6 +424,12 @@ def _positive(value: str) -> int:
     return int(value)
 
 
+def _min_seq_len(value: str) -> int | str:
+    if value != "auto" and not value.isdigit():
+        raise argparse.ArgumentTypeError(f'must be "auto" or an integer >= 0, got {value!r}')
+    return value if value == "auto" else int(value)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparse-prefill-calibrate", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="'smollm2' (the embedded default) or a local model folder")
@@ -440,9 +446,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--min-seq-len",
-        type=int,
+        type=_min_seq_len,
         default=DEFAULT_MIN_SEQ_LEN,
-        help=f"prompts shorter than this stay dense (default {DEFAULT_MIN_SEQ_LEN}, the measured crossover)",
+        help="prompts shorter than this stay dense (default 'auto': the crossover measured for the device and "
+        "head_dim the model runs on, sparse_prefill.devices)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -461,8 +468,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.text is not None and not args.text.is_file():
         p.error(f"--text: {args.text} is not a file")
-    if args.min_seq_len < 0:
-        p.error("--min-seq-len: must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -7,7 +7,7 @@ one pattern per (layer, head)::
       "format": "sparse_prefill/1",
       "model": {"name": "SmolLM2-135M-Instruct", "model_type": "llama",
                 "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64},
-      "min_seq_len": 32768,
+      "min_seq_len": "auto",
       "defaults": {"vertical_slash": {"vertical": 1000, "slash": 6096}},
       "layers": [[{"pattern": "vertical_slash", "slash": 2048}, {"pattern": "dense"}, ...], ...],
       "provenance": {"tool": "sparse_prefill.calibrate", ...}
@@ -16,6 +16,10 @@ one pattern per (layer, head)::
 A head entry gives a pattern and any of its parameters; missing ones come from ``defaults``, then from
 ``PATTERN_DEFAULTS``. Budgets (token or block counts) are positive integers, or fractions in (0, 1) of the key length
 of the call, so one config can serve several prompt lengths.
+
+``min_seq_len``: prefills with fewer keys run dense. ``"auto"`` (the default) is the crossover measured for the call's
+device class and head_dim (:mod:`sparse_prefill.devices`; a conservative fallback where nothing was measured); an
+integer fixes it (0: always sparse). ``patch_model(min_seq_len=...)`` overrides the config's value.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "sparse_prefill/1"
-DEFAULT_MIN_SEQ_LEN = 32768  # measured crossover, benchmarks/results/bench_layer_h200.md
+AUTO = "auto"
+DEFAULT_MIN_SEQ_LEN = AUTO  # the measured crossover of the call's device and head_dim: sparse_prefill.devices
 
 # Built-in parameters per pattern (MInference's defaults). Budgets may be fractions; the rest are integers.
 PATTERN_DEFAULTS: dict[str, dict[str, int | float | str]] = {
@@ -91,13 +96,13 @@ class SparseConfig:
 
     model: ModelInfo
     layers: list[list[HeadSpec]]
-    min_seq_len: int = DEFAULT_MIN_SEQ_LEN
+    min_seq_len: int | str = DEFAULT_MIN_SEQ_LEN  # an integer >= 0, or "auto"
     defaults: dict[str, dict[str, int | float]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def uniform(
-        cls, model: ModelInfo, pattern: str = "vertical_slash", min_seq_len: int = DEFAULT_MIN_SEQ_LEN, **params
+        cls, model: ModelInfo, pattern: str = "vertical_slash", min_seq_len: int | str = DEFAULT_MIN_SEQ_LEN, **params
     ) -> SparseConfig:
         """The same pattern on every head, e.g. ``SparseConfig.uniform(info, "a_shape", local=1024)``."""
         head = {"pattern": pattern, **params}
@@ -119,8 +124,7 @@ class SparseConfig:
         if raw.get("format") != FORMAT:
             raise ConfigError(f"format: must be {FORMAT!r}, got {raw.get('format')!r}")
         model = _model_info(raw.get("model"))
-        min_seq_len = raw.get("min_seq_len", DEFAULT_MIN_SEQ_LEN)
-        _check_int(min_seq_len, "min_seq_len", minimum=0)
+        min_seq_len = check_min_seq_len(raw.get("min_seq_len", DEFAULT_MIN_SEQ_LEN), "min_seq_len")
         defaults = raw.get("defaults", {})
         if not isinstance(defaults, dict):
             raise ConfigError("defaults: must be an object mapping pattern names to parameters")
@@ -176,6 +180,15 @@ def save_config(config: SparseConfig, path: str | Path) -> None:
     body = re.sub(r"\[[-0-9.eE,\s]*\]", lambda m: " ".join(m.group(0).split()), json.dumps(raw, indent=2))[:-2]
     rows = ",\n".join("    " + json.dumps(heads) for heads in layers)
     Path(path).write_text(f'{body},\n  "layers": [\n{rows}\n  ]\n}}\n')
+
+
+def check_min_seq_len(value: Any, where: str) -> int | str:
+    """``value`` if it is ``"auto"`` or an integer >= 0, else ConfigError naming ``where``."""
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f'{where}: must be "auto" or an integer >= 0, got {value!r}')
+    return value
 
 
 def _model_info(raw: Any) -> ModelInfo:

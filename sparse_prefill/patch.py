@@ -11,7 +11,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import ATTN_NAME, LAYERS, LayerRecord, LayerState, PatchState, sparse_prefill_attention
-from .config import ConfigError, HeadSpec, ModelInfo, SparseConfig, load_config
+from .config import ConfigError, HeadSpec, ModelInfo, SparseConfig, check_min_seq_len, load_config
+from .devices import DENSE_BACKENDS, load_flash_attn
 from .estimate import LayerPlan
 from .parallel import head_shard
 from .patches import adapter_for
@@ -68,8 +69,9 @@ def patch_model(
     model,
     config: str | Path | dict | SparseConfig | None = None,
     *,
-    min_seq_len: int | None = None,
+    min_seq_len: int | str | None = None,
     backend: str = "auto",
+    dense_backend: str = "auto",
     force: bool = False,
 ) -> SparseConfig:
     """Make ``model``'s prefill attention sparse, per head, through transformers' attention interface.
@@ -79,16 +81,22 @@ def patch_model(
         config: a JSON path, a dict in the same schema, a :class:`SparseConfig`, or None: the shipped config made for
             this model if there is one, else vertical-slash on every head at MInference's budgets
             (1000 columns, 6096 diagonals, 64 estimation queries).
-        min_seq_len: prompts with fewer keys than this run dense. Defaults to the config's ``min_seq_len``
-            (32768 unless the config says otherwise: below it dense SDPA cuDNN was faster on the H200); 0 forces
-            the sparse path on any prefill.
+        min_seq_len: prompts with fewer keys than this run dense. None: the config's ``min_seq_len``, whose
+            default ``"auto"`` is the crossover measured for the call's device class and head_dim
+            (``sparse_prefill.devices.MIN_SEQ_LEN``; 65536 where nothing was measured, the CPU included).
+            An integer overrides it; 0 forces the sparse path on any prefill.
         backend: ``"auto"`` (Triton kernel on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        dense_backend: the kernel of dense calls (short prompts, all-dense layers, unsupported inputs): ``"auto"``
+            (SDPA with cuDNN first, or flash-attn where ``sparse_prefill.devices.DENSE_BACKEND`` says it measured
+            faster and it is installed), ``"sdpa"``, or ``"flash_attn"`` (needs ``pip install
+            'sparse-prefill[flash]'``; inputs it cannot run, such as padding masks, stay on SDPA with one warning).
         force: patch a model type without an adapter, assuming the Llama layout.
     Returns:
         The config in use.
     Raises:
         ConfigError: the config is invalid or made for another shape. UnsupportedModelError: unknown model type.
-        ValueError: a tensor-parallel split that does not map to whole heads. In each case the model is left as it was.
+        ValueError: a tensor-parallel split that does not map to whole heads. ImportError:
+        ``dense_backend="flash_attn"`` without flash-attn. In every case the model is left as it was.
 
     Decode steps (one query) always take the stock SDPA path. Patching again replaces the config; ``unpatch_model``
     restores the implementation the model had before the first patch.
@@ -99,10 +107,12 @@ def patch_model(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
-    if min_seq_len is not None and (
-        isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int) or min_seq_len < 0
-    ):
-        raise ValueError(f"min_seq_len: must be an integer >= 0, got {min_seq_len!r}")
+    if min_seq_len is not None:
+        check_min_seq_len(min_seq_len, "min_seq_len")
+    if dense_backend not in DENSE_BACKENDS:
+        raise ValueError(f"dense_backend: must be one of {DENSE_BACKENDS}, got {dense_backend!r}")
+    if dense_backend == "flash_attn":
+        load_flash_attn()
     adapter = adapter_for(model, force)
     info = adapter.model_info(model)
     cfg = resolve_config(config, info)
@@ -119,6 +129,7 @@ def patch_model(
         min_seq_len=cfg.min_seq_len if min_seq_len is None else min_seq_len,
         backend=backend,
         tp_group=shards[0].group if shards else None,
+        dense_backend=dense_backend,
     )
     dense = [HeadSpec("dense")] * info.num_heads
     plans: dict[str, LayerPlan] = {}  # layers with the same head specs share a plan, and so its cached indices

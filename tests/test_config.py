@@ -39,6 +39,15 @@ def test_round_trip_through_json(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text())["format"] == FORMAT
 
 
+def test_min_seq_len_defaults_to_auto_and_takes_integers():
+    raw = good()
+    del raw["min_seq_len"]
+    assert SparseConfig.from_dict(raw).min_seq_len == "auto"
+    assert SparseConfig.uniform(INFO).min_seq_len == "auto"
+    for value in ("auto", 0, 40000):
+        assert SparseConfig.from_dict({**raw, "min_seq_len": value}).min_seq_len == value
+
+
 def test_uniform_config():
     config = SparseConfig.uniform(INFO, "a_shape", local=512)
     assert len(config.layers) == 2 and all(len(h) == 4 for h in config.layers)
@@ -62,7 +71,9 @@ BAD = [
     (("model", "num_heads"), 0, "model.num_heads: must be a positive integer"),
     (("model", "num_kv_heads"), 3, "model.num_heads: must be a multiple of model.num_kv_heads"),
     (("model", "name"), 7, "model.name: must be a string"),
-    (("min_seq_len",), -1, "min_seq_len: must be an integer >= 0"),
+    (("min_seq_len",), -1, 'min_seq_len: must be "auto" or an integer >= 0, got -1'),
+    (("min_seq_len",), "fast", "min_seq_len: must be \"auto\" or an integer >= 0, got 'fast'"),
+    (("min_seq_len",), 1.5, 'min_seq_len: must be "auto" or an integer >= 0, got 1.5'),
     (("layers",), [[]], "layers: must be a list of model.num_layers=2 layers, got 1"),
     (("layers", 1), [{"pattern": "dense"}], "layers[1]: must list model.num_heads=4 heads, got 1"),
     (("layers", 1, 2), {"pattern": "star"}, "layers[1][2].pattern: unknown pattern 'star'"),

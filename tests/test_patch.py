@@ -160,7 +160,7 @@ def test_bad_arguments():
 def test_default_config_without_a_shipped_one():
     model = tiny_model()
     config = patch_model(model)
-    assert config.min_seq_len == 32768
+    assert config.min_seq_len == "auto"
     assert {s.pattern for heads in config.layers for s in heads} == {"vertical_slash"}
 
 

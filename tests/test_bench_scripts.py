@@ -1,0 +1,125 @@
+"""The end-to-end and crossover benchmarks: their rules (crossover, mixed config, targets) and their CPU smoke runs."""
+
+import csv
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sparse_prefill import ModelInfo
+from sparse_prefill.config import PATTERN_DEFAULTS
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load(name: str):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def rows(wins: dict[int, list[bool]]) -> list[dict]:
+    """Rows of bench_crossover: per length, one row per input, sparse faster or not."""
+    return [
+        {"S": S, "input": i, "best_dense_ms": 10.0, "sparse_ms": 9.0 if win else 11.0}
+        for S, per_input in wins.items()
+        for i, win in enumerate(per_input)
+    ]
+
+
+def test_crossover_is_where_sparse_wins_from_then_on():
+    crossover = load("bench_crossover").crossover
+    # Wins at 16K by luck, loses at 24K on one input: the crossover is 32K, not 16K.
+    table = {8192: [False, False], 16384: [True, True], 24576: [True, False], 32768: [True, True], 65536: [True, True]}
+    assert crossover(rows(table), "best_dense_ms") == 32768
+    assert crossover(rows({8192: [True], 16384: [True]}), "best_dense_ms") == 8192
+    assert crossover(rows({8192: [True], 16384: [False]}), "best_dense_ms") is None
+
+
+def test_table_lines_paste_into_the_tables():
+    bench = load("bench_crossover")
+    results = {
+        128: dict(crossover=24576, speedup_at=1.08, below=16384, speedup_below=0.8, max_S=65536, flash_wins=False),
+        64: dict(crossover=None, speedup_at=None, below=None, speedup_below=None, max_S=65536, flash_wins=True),
+    }
+    lines = bench.table_lines("H100", results, "2026-01-01")
+    pasted = eval("{" + "\n".join(lines) + "\n}")  # the printed lines are Python dict entries
+    assert pasted == {("H100", 128): 24576, ("H100", 64): "flash_attn"}
+    assert "('H100', 64): sparse never won up to 65536: remove any entry" in lines[1]
+    assert "sparse 1.08x at 24576, dense 1.25x at 16384" in lines[0]
+
+
+@pytest.mark.parametrize("heads,want", [(32, (4, 2, 1, 25)), (28, (3, 1, 1, 23)), (4, (1, 1, 1, 1))])
+def test_mixed_config_makeup(heads, want):
+    bench = load("bench_e2e")
+    info = ModelInfo("m", "llama", num_layers=3, num_heads=heads, num_kv_heads=4, head_dim=128)
+    config = bench.mixed_config(info)
+    assert config == bench.mixed_config(info)  # deterministic
+    for layer in config.layers:
+        counts = Counter(h.pattern for h in layer)
+        assert tuple(counts[p] for p in ("dense", "a_shape", "block_sparse", "vertical_slash")) == want
+    assert [h.pattern for h in config.layers[0]] != [h.pattern for h in config.layers[1]]  # shuffled per layer
+    budgets = {(h.params["vertical"], h.params["slash"]) for h in config.layers[0] if h.pattern == "vertical_slash"}
+    assert len(budgets) == min(5, want[3])  # per-head budgets
+    assert config.min_seq_len == "auto"
+
+
+def test_targets_report_met_and_missed():
+    targets = load("bench_e2e").targets
+    rows = [
+        {"model": "llama3-8b", "config": "vertical_slash", "S": 131072, "speedup": 2.6, "mem_vs_dense": 1.02},
+        {"model": "llama3-8b", "config": "vertical_slash", "S": 65536, "speedup": 1.4, "mem_vs_dense": 1.07},
+        {"model": "llama3-8b", "config": "mixed", "S": 32768, "speedup": 3.0, "mem_vs_dense": 1.0},
+    ]
+    md = "\n".join(targets(rows))
+    assert "| TTFT >= 2.5x at 128K | 2.600x | yes |" in md
+    assert "| TTFT >= 1.5x at 64K | 1.400x | NO |" in md
+    assert "32K" not in md  # no vertical-slash row there
+    assert "| peak memory <= dense x1.05 | x1.070 (worst length) | NO |" in md
+
+
+def test_e2e_smoke_run(tmp_path, capsys):
+    bench = load("bench_e2e")
+    out = tmp_path / "e2e"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    table = list(csv.DictReader(open(f"{out}.csv")))
+    configs = ["dense", "ceiling", "vertical_slash", "mixed"] + (["adaptive"] if "adaptive" in PATTERN_DEFAULTS else [])
+    assert [(r["model"], r["S"], r["config"]) for r in table] == [
+        (m, str(S), c) for m in ("llama3-8b", "qwen2-7b") for S in (128, 256) for c in configs
+    ]
+    by = {(r["model"], r["S"], r["config"]): r for r in table}
+    assert by["llama3-8b", "128", "vertical_slash"]["path"].startswith("dense fallback: kv_len 128 < min_seq_len 200")
+    assert by["llama3-8b", "256", "mixed"]["path"] == "sparse 2/2"
+    assert float(by["qwen2-7b", "256", "dense"]["speedup"]) == 1.0
+    ceiling = by["qwen2-7b", "256", "ceiling"]
+    assert float(ceiling["of_ceiling"]) == pytest.approx(1.0) and float(ceiling["attn_ms_per_layer"]) == 0.0
+    assert all(r["torch"] and r["transformers"] and r["device"].startswith("CPU") for r in table)
+    md = open(f"{out}.md").read()
+    assert "SMOKE RUN" in md and "## llama3-8b: TTFT" in md and md.count("decode check:") == 2
+    assert "6 decode attention calls (3 steps x 2 layers), all on transformers' stock SDPA" in md
+
+
+def test_e2e_budget_skips_groups(tmp_path):
+    bench = load("bench_e2e")
+    out = tmp_path / "e2e"
+    assert bench.main(["--smoke", "--models", "llama3-8b", "--budget-s", "0", "--out", str(out)]) == 0
+    assert list(csv.DictReader(open(f"{out}.csv"))) == []
+    assert "- skipped: llama3-8b at 256" in open(f"{out}.md").read()
+
+
+def test_crossover_smoke_run(tmp_path):
+    import json
+
+    bench = load("bench_crossover")
+    out = tmp_path / "xo"
+    assert bench.main(["--smoke", "--head-dims", "64", "--inputs", "random", "--out", str(out)]) == 0
+    record = json.loads(open(f"{out}.json").read())
+    assert record["smoke"] and record["meta"]["device_class"] == "cpu"
+    assert [(r["head_dim"], r["S"]) for r in record["rows"]] == [(64, 256), (64, 512), (64, 1024)]
+    assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in record["rows"])
+    assert "Table lines" in open(f"{out}.md").read()
