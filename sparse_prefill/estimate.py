@@ -15,6 +15,7 @@ so the same code builds the index on the CPU and on the GPU.
 from __future__ import annotations
 
 import functools
+import logging
 from collections import OrderedDict
 
 import torch
@@ -24,13 +25,19 @@ from .config import HeadSpec
 from .index import BLOCK, SparseIndex, block_bases, cdiv, make_index, query_offsets, slash_diagonals
 from .kernels import scores_supported, vertical_slash_scores_triton
 
+logger = logging.getLogger("sparse_prefill")
+
 
 class LayerPlan:
     """One layer's head specs, grouped by pattern once: the plan half of a plan/run split.
 
-    :meth:`index` builds the :class:`SparseIndex` of a call. What does not depend on q/k (dense and A-shape heads, and
-    the whole index of a layer without vertical-slash or block-sparse heads) is built once per (lengths, padding,
-    device) and reused by later calls and layers' calls of the same shape.
+    :meth:`index` builds the :class:`SparseIndex` of a call in two stages: *measure* reads q/k (vertical-slash scores,
+    block-sparse block sets), *select* turns those measurements into the index (top-k, block diagonals, sorting) and
+    depends on nothing else. What does not depend on q/k at all (dense and A-shape heads, and the whole index of a
+    layer without vertical-slash or block-sparse heads) is built once per (lengths, padding, device) and reused by
+    later calls and layers' calls of the same shape. On CUDA the select stage of a shape seen before is replayed as
+    a CUDA graph (:class:`_GraphedSelect`): its hundred-odd small kernels would otherwise cost more host time to
+    launch than the GPU spends running them.
     """
 
     CACHED_SHAPES = 4
@@ -56,16 +63,37 @@ class LayerPlan:
         static = self._static_part(B, H, Sq, Sk, kv_start, q.device)
         if not self.dynamic:
             return static["index"]
-        starts, diag, cols = static["starts"], static["diag"], list(static["cols"])
+        measured = self._measure(q, k, scale, kv_start, static["starts"])
+        if q.is_cuda and CUDA_GRAPHS:
+            graphed = static.setdefault("graphed", _GraphedSelect(lambda m: self._select(m, static, Sq, Sk)))
+            return graphed(measured)
+        return self._select(measured, static, Sq, Sk)
+
+    def _measure(self, q, k, scale: float, kv_start: list[int], starts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything the index needs from q/k, as tensors."""
+        out = {}
         if vs_heads := self.groups.get("vertical_slash"):
-            vs_cols, vs_diag = vertical_slash_sets(q, k, [self.heads[h] for h in vs_heads], vs_heads, scale, starts)
+            last_q = [self.heads[h].params["last_q"] for h in vs_heads]
+            out["vertical"], out["slash"] = vertical_slash_scores(q, k, vs_heads, last_q, scale, starts)
+        if bs_heads := self.groups.get("block_sparse"):
+            out["blocks"] = block_sparse_sets(q, k, [self.heads[h] for h in bs_heads], bs_heads, scale, kv_start)
+        return out
+
+    def _select(self, measured: dict[str, torch.Tensor], static: dict, Sq: int, Sk: int) -> SparseIndex:
+        """The index from the measurements of :meth:`_measure`: no other input, so it can be captured as a graph."""
+        starts, diag, cols = static["starts"], static["diag"], list(static["cols"])
+        B, H = diag.shape[:2]
+        dev = diag.device
+        if vs_heads := self.groups.get("vertical_slash"):
+            specs = [self.heads[h] for h in vs_heads]
+            vs_cols, vs_diag = vertical_slash_select(measured["vertical"], measured["slash"], specs, Sq, starts)
             cols.append((vs_heads, vs_cols))
             diag = diag.clone()
-            diag[:, const(vs_heads, q.device)] |= vs_diag
-        blocks = torch.full((B, H, cdiv(Sq, BLOCK), 0), -1, dtype=torch.long, device=q.device)
-        if bs_heads := self.groups.get("block_sparse"):
-            blocks = block_sparse_sets(q, k, [self.heads[h] for h in bs_heads], bs_heads, scale, kv_start)
-        return make_index(Sq, Sk, starts, diag, _scatter_heads(B, H, cols, q.device), blocks)
+            diag[:, const(vs_heads, dev)] |= vs_diag
+        blocks = measured.get("blocks")
+        if blocks is None:
+            blocks = torch.full((B, H, cdiv(Sq, BLOCK), 0), -1, dtype=torch.long, device=dev)
+        return make_index(Sq, Sk, starts, diag, _scatter_heads(B, H, cols, dev), blocks)
 
     def _static_part(self, B: int, H: int, Sq: int, Sk: int, kv_start: list[int], dev: torch.device) -> dict:
         key = (B, H, Sq, Sk, tuple(kv_start), str(dev))
@@ -89,6 +117,78 @@ class LayerPlan:
         if len(self._static) > self.CACHED_SHAPES:
             self._static.popitem(last=False)
         return part
+
+
+# Replay the select stage of repeated shapes as CUDA graphs (LayerPlan). Off: every call runs it eagerly.
+CUDA_GRAPHS = True
+
+
+class _GraphedSelect:
+    """One (plan, shape)'s select stage as a CUDA graph.
+
+    The first call runs eagerly (it also fills the :func:`const` caches, which a capture cannot do); the second
+    captures the stage with its measurements copied into a workspace shared by all graphs of the device; later calls
+    copy their measurements in and replay. Graphs share one memory pool per device and run in stream order, so one
+    plan's replay cannot overwrite what another's kernel still has to read; each call returns its own copy of the
+    index. Should a capture fail, this shape stays eager.
+    """
+
+    _pools: dict = {}
+    _workspaces: dict = {}
+
+    def __init__(self, select):
+        self.select = select
+        self.calls = 0
+        self.graph = None
+
+    def __call__(self, measured: dict[str, torch.Tensor]) -> SparseIndex:
+        self.calls += 1
+        if self.calls == 2:
+            self._capture(measured)
+        if self.graph is None:
+            return self.select(measured)
+        graph, inputs, output = self.graph
+        for name, t in measured.items():
+            inputs[name].copy_(t)
+        graph.replay()
+        return output.clone()
+
+    def _capture(self, measured: dict[str, torch.Tensor]) -> None:
+        dev = next(iter(measured.values())).device
+        inputs = self._inputs(measured, dev)
+        for name, t in measured.items():
+            inputs[name].copy_(t)
+        try:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
+                self.select({n: t.clone() for n, t in inputs.items()})
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            pool = self._pools.setdefault(dev, torch.cuda.graph_pool_handle())
+            with torch.cuda.graph(graph, pool=pool):
+                output = self.select(inputs)
+        except RuntimeError as err:
+            logger.warning("sparse_prefill: CUDA graph capture of the index selection failed (%s); runs eagerly", err)
+            return
+        self.graph = (graph, inputs, output)
+
+    @classmethod
+    def _inputs(cls, measured: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
+        """Views shaped like ``measured`` into the device's workspace (one flat buffer per dtype, grown on demand)."""
+        need: dict[torch.dtype, int] = {}
+        for t in measured.values():
+            need[t.dtype] = need.get(t.dtype, 0) + t.numel()
+        views, offset = {}, dict.fromkeys(need, 0)
+        for dtype, numel in need.items():
+            buf = cls._workspaces.get((dev, dtype))
+            if buf is None or buf.numel() < numel:  # graphs captured on a smaller one keep it alive through views
+                cls._workspaces[(dev, dtype)] = torch.empty(numel, dtype=dtype, device=dev)
+        for name, t in measured.items():
+            buf = cls._workspaces[(dev, t.dtype)]
+            views[name] = buf[offset[t.dtype] : offset[t.dtype] + t.numel()].view(t.shape)
+            offset[t.dtype] += t.numel()
+        return views
 
 
 def build_index(
@@ -224,41 +324,44 @@ def diagonal_sums(p: torch.Tensor) -> torch.Tensor:
     return skewed.sum(-2).flip(-1)
 
 
-def vertical_slash_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: float, starts: torch.Tensor):
-    """Columns and block diagonals of the vertical-slash heads.
+def vertical_slash_select(vertical: torch.Tensor, slash: torch.Tensor, specs: list[HeadSpec], q_len: int, starts):
+    """Columns and block diagonals of the vertical-slash heads from their scores (:func:`vertical_slash_scores`).
 
+    Args:
+        vertical, slash: [B, h, Sk] fp32 scores of the h heads with ``specs``. Overwritten: they are scratch after this.
+        q_len: query length of the call. starts: [B] first valid key per sample.
     Returns:
         cols: [B, h, V] local key columns, -1 = none. diag: [B, h, N] bool block diagonals covering the chosen slashes.
     """
-    B, _, Sq, _ = q.shape
-    Sk = k.shape[2]
-    vertical, slash = vertical_slash_scores(q, k, heads, [s.params["last_q"] for s in specs], scale, starts)
-    local = torch.arange(Sk, device=q.device)[None, :] - starts[:, None]  # [B, Sk] local column of each key
-    vertical = vertical.masked_fill((local < 0)[:, None], float("-inf"))
-    forced_v = const([s.params["force_vertical"] for s in specs], q.device)
-    vertical = vertical.masked_fill((local >= 0)[:, None] & (local[:, None] < forced_v[:, None]), float("inf"))
+    B, h, Sk = vertical.shape
+    dev = vertical.device
+    local = torch.arange(Sk, device=dev)[None, :] - starts[:, None]  # [B, Sk] local column of each key
+    forced_v = const([s.params["force_vertical"] for s in specs], dev)
+    vertical.masked_fill_((local < 0)[:, None], float("-inf"))
+    vertical.masked_fill_((local >= 0)[:, None] & (local[:, None] < forced_v[:, None]), float("inf"))
     cols = _topk_budget(vertical, [s.budget("vertical", Sk) for s in specs])
     cols = torch.where(cols >= 0, cols - starts[:, None, None], -1)
 
-    offsets = torch.arange(Sk, device=q.device)
+    offsets = torch.arange(Sk, device=dev)
     exists = (offsets[None, :] <= Sk - 1 - starts[:, None])[:, None]  # [B, 1, Sk]: offsets some query can have
-    forced_s = const([s.params["force_slash"] for s in specs], q.device)
+    forced_s = const([s.params["force_slash"] for s in specs], dev)
     forced = offsets[None, None, :] < forced_s[None, :, None]  # [1, h, Sk]
-    diag = torch.zeros(B, len(heads), cdiv(Sk, BLOCK), dtype=torch.bool, device=q.device)
+    diag = torch.zeros(B, h, cdiv(Sk, BLOCK), dtype=torch.bool, device=dev)
     for select in ("token", "block"):
         sel = [i for i, s in enumerate(specs) if s.params["slash_select"] == select]
         if not sel:
             continue
-        idx = const(sel, q.device)
+        idx = const(sel, dev)
+        part, forced_part = (slash, forced) if len(sel) == h else (slash[:, idx], forced[:, idx])
         budgets = [specs[i].budget("slash", Sk) for i in sel]
         if select == "token":  # MInference: the top offsets, each costing the key blocks it crosses
-            scores = slash[:, idx].masked_fill(~exists, float("-inf")).masked_fill(forced[:, idx], float("inf"))
-            diag[:, idx] = slash_diagonals(_topk_budget(scores, budgets), Sq, Sk, starts)
+            part.masked_fill_(~exists, float("-inf")).masked_fill_(forced_part, float("inf"))
+            diag[:, idx] = slash_diagonals(_topk_budget(part, budgets), q_len, Sk, starts)
         else:  # the block diagonals that cover the most slash mass, as many as the budget's worth of key blocks
-            mass = block_diagonal_mass(slash[:, idx] * exists, Sq, Sk, starts)
-            keep = slash_diagonals(torch.where(forced[:, idx], offsets, -1).expand(B, -1, -1), Sq, Sk, starts)
+            mass = block_diagonal_mass(part.mul_(exists), q_len, Sk, starts)
+            keep = slash_diagonals(torch.where(forced_part, offsets, -1).expand(B, -1, -1), q_len, Sk, starts)
             per_head = [cdiv(n, BLOCK) + cdiv(specs[i].params["force_slash"], BLOCK) + 1 for n, i in zip(budgets, sel)]
-            mass = mass.masked_fill(mass <= 0, float("-inf")).masked_fill(keep, float("inf"))
+            mass = mass.masked_fill_(mass <= 0, float("-inf")).masked_fill_(keep, float("inf"))
             picked = _topk_budget(mass, per_head)
             chosen = torch.zeros_like(keep).scatter_(2, picked.clamp(min=0), picked >= 0)
             diag[:, idx] = chosen | keep
@@ -282,7 +385,7 @@ def block_diagonal_mass(slash: torch.Tensor, q_len: int, kv_len: int, starts: to
     first = r + torch.arange(BLOCK, device=slash.device)[None, None, :] - BLOCK * t  # [B, N, BLOCK]: highest offset
     hi = (first + 1).clamp(0, Sk)  # exclusive end in the prefix sums
     lo = torch.minimum((first - (BLOCK - 1)).clamp(0, Sk), hi)
-    prefix = F.pad(slash.cumsum(-1), (1, 0))  # [B, h, Sk + 1]
+    prefix = F.pad(slash, (1, 0)).cumsum_(-1)  # [B, h, Sk + 1]
     take = lambda x: prefix.gather(-1, x.flatten(1)[:, None, :].expand(-1, h, -1))  # noqa: E731
     return ((take(hi) - take(lo)).view(B, h, n, BLOCK).sum(-1) / BLOCK).float()
 

@@ -29,6 +29,7 @@ Memory is O(B·H·(N + V) + B·H·M·K) for N key blocks, V columns and K blocks
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,10 @@ class SparseIndex:
     col_row_cnt: torch.Tensor
     blk_idx: torch.Tensor
     blk_cnt: torch.Tensor
+
+    def clone(self) -> SparseIndex:
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: v.clone() for k, v in tensors.items() if isinstance(v, torch.Tensor)})
 
     @property
     def num_q_blocks(self) -> int:

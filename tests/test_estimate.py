@@ -142,3 +142,27 @@ def test_gpu_builds_the_cpu_index(S):
             want, got = part(cpu, b), part(gpu, b).cpu()
             assert want.shape == got.shape
             assert (want != got).sum() <= 0.005 * want.sum(), part.__name__
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graph_replays_give_each_call_its_own_index(monkeypatch):
+    """The select stage replayed as a CUDA graph equals the eager one on every call, also when two plans share the
+    workspace and their calls interleave, and an index handed out earlier is not overwritten by later replays."""
+    from sparse_prefill import estimate
+    from sparse_prefill.estimate import LayerPlan
+
+    plans = [
+        LayerPlan([spec("vertical_slash", vertical=200, slash=600), spec("block_sparse", top_k=6)] * 4),
+        LayerPlan([spec("vertical_slash", vertical=0.05, slash_select="token"), spec("a_shape")] * 4),
+    ]
+    inputs = [qkv(2, 8, 2, 3000, 3000, D=64, dtype=torch.bfloat16, seed=s) for s in range(4)]
+    inputs = [(q.cuda(), k.cuda()) for q, k, _ in inputs]
+    got = [plan.index(q, k, 0.125, [0, 300]) for q, k in inputs for plan in plans]  # call 2 of each plan captures
+    got += [plan.index(q, k, 0.125, [0, 300]) for q, k in inputs[:2] for plan in plans]
+    assert all(p._static[next(iter(p._static))]["graphed"].graph is not None for p in plans)
+    monkeypatch.setattr(estimate, "CUDA_GRAPHS", False)
+    eager = [LayerPlan(plan.heads).index(q, k, 0.125, [0, 300]) for q, k in inputs + inputs[:2] for plan in plans]
+    for g, e in zip(got, eager):
+        for name in ("diag_mask", "col_idx", "col_cnt", "col_row_cnt", "blk_idx", "blk_cnt"):
+            assert torch.equal(getattr(g, name), getattr(e, name)), name
