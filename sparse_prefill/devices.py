@@ -22,17 +22,18 @@ import re
 
 import torch
 
-# (device class, head_dim) -> dense-fallback crossover in keys. Placeholders are marked; replace them with the lines
-# `python scripts/bench_crossover.py` prints on that device.
+# (device class, head_dim) -> dense-fallback crossover in keys, from the lines `python scripts/bench_crossover.py`
+# prints on that device.
 MIN_SEQ_LEN: dict[tuple[str, int], int] = {
     # H200, head_dim 128: sparse 1.23x at 32K in benchmarks/results/bench_layer_h200.md (shorter not measured then).
     ("H200", 128): 32768,
     # H200, head_dim 64: the value of the shipped SmolLM2 config; at 8K dense was 15x faster
     # (benchmarks/results/bench_layer_smollm2_h200.md).
     ("H200", 64): 32768,
-    # H100: placeholders (the H200 values) until bench_crossover.py runs there.
-    ("H100", 128): 32768,
-    ("H100", 64): 32768,
+    # benchmarks/results/bench_crossover_h100.md (streaming estimation, CUDA-graphed selection): sparse 1.04x / 1.11x
+    # at 16384, dense 1.25x at 12288. The H200 entries above predate both and are conservative.
+    ("H100", 128): 16384,
+    ("H100", 64): 16384,
 }
 # Anything not in the table (other GPUs, other head_dims, the CPU, whose blockwise torch path never beats dense and
 # exists for fidelity): twice the Hopper crossover. MInference's kernels only beat FlashAttention-2 above ~50K on the

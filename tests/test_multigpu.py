@@ -174,12 +174,12 @@ def test_gpu_device_map_runs_each_layer_on_its_device(tmp_path, placement):
     torch.cuda.set_device(0)  # the layer on another device must not run its kernel here
     ids = torch.randint(0, 128, (1, 700), generator=torch.Generator().manual_seed(2))
     want = logits(whole, ids.to("cuda:0"))
-    got = logits(split, ids.to(split.device))
+    got = logits(split, ids.to("cuda:0"))  # a "cpu" entry next to GPUs is CPU offload: it executes on cuda:0
     assert [r.path for r in last_report(split)] == ["sparse", "sparse"]
     assert last_report(split)[1].index.col_idx.device == torch.device("cuda", second)
     assert_close(got.to("cuda:0"), want, 3e-2, 3e-2)
     with torch.no_grad():
-        a = split.generate(ids.to(split.device), max_new_tokens=4, do_sample=False).cpu()
+        a = split.generate(ids.to("cuda:0"), max_new_tokens=4, do_sample=False).cpu()
         b = whole.generate(ids.to("cuda:0"), max_new_tokens=4, do_sample=False).cpu()
     assert a.shape == b.shape == (1, 704)
 
