@@ -410,7 +410,7 @@ def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: floa
     group = H // k.shape[1]
     M, N = cdiv(Sq, BLOCK), cdiv(Sk, BLOCK)
     budgets = [s.budget("top_k", N) for s in specs]
-    out = torch.full((B, H, M, min(max(budgets), N)), -1, dtype=torch.long, device=q.device)
+    out = torch.full((B, H, M, min(max(budgets), N)), -1, dtype=torch.int32, device=q.device)
     starts = const(kv_start, q.device)
     _, off = query_offsets(Sq, Sk, starts)
     base = block_bases(Sq, Sk, starts)
@@ -426,8 +426,8 @@ def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: floa
             rows = const([heads[i] for i in sel], q.device)
             pq = pooled_q.index_select(0, rows).unflatten(0, (kv1 - kv0, -1))  # [kv, g, Mb, D]
             scores = (pq @ pooled_k[kv0:kv1, None].transpose(-1, -2)).flatten(0, 1) * scale  # [h, Mb, Nb]
-            scores = scores.masked_fill(j[None, :] > top, float("-inf"))
-            scores = scores.masked_fill((j[None, :] >= own) & (j[None, :] <= top), float("inf"))
+            scores.masked_fill_(j[None, :] > top, float("-inf"))
+            scores.masked_fill_((j[None, :] >= own) & (j[None, :] <= top), float("inf"))
             picked = _topk_budget(scores, [budgets[i] for i in sel], head_dim=0)
-            out[b, rows, :Mb, : picked.shape[-1]] = picked
+            out[b, rows, :Mb, : picked.shape[-1]] = picked.int()
     return out

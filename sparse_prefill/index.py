@@ -120,9 +120,8 @@ def slash_diagonals(slash: torch.Tensor, q_len: int, kv_len: int, kv_start: torc
 def sorted_valid(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort the valid entries of ``values`` ascending to the front of the last dim: (int32 values, int32 count)."""
     big = torch.iinfo(torch.int32).max
-    keyed = torch.where(valid, values.long(), big)
-    out, _ = keyed.sort(dim=-1)
-    return torch.where(out == big, 0, out).int(), valid.sum(-1).int()
+    out, _ = torch.where(valid, values.int(), big).sort(dim=-1)  # int32 throughout: the widest index is a key column
+    return out.masked_fill_(out == big, 0), valid.sum(-1, dtype=torch.int32)
 
 
 def make_index(
@@ -139,7 +138,7 @@ def make_index(
         kv_start: [B] first valid key column per sample.
         diag_mask: [B, H, N] bool block diagonals.
         cols: [B, H, V] int64 local key columns, unsorted, ``-1`` for none.
-        blocks: [B, H, M, K] int64 key blocks per query block, unsorted, ``-1`` for none (K may be 0).
+        blocks: [B, H, M, K] integer key blocks per query block, unsorted, ``-1`` for none (K may be 0).
     """
     n = diag_mask.shape[-1]
     d = torch.arange(n, device=diag_mask.device).expand_as(diag_mask)
