@@ -66,6 +66,11 @@ class LayerRecord:
             self._density = tile_density(self.index).cpu()
         return self._density.tolist()
 
+    def to_dict(self) -> dict:
+        """JSON-ready: layer, path, reason, heads (global ids), patterns and density, both aligned with heads."""
+        fields = ("layer", "path", "reason", "patterns", "density")
+        return {"heads": list(self.heads), **{name: getattr(self, name) for name in fields}}
+
 
 @dataclass
 class PatchState:

@@ -117,17 +117,7 @@ def gather_report(model) -> list[dict]:
     """
     from .patch import _PATCHED, last_report
 
-    local = [
-        {
-            "layer": r.layer,
-            "path": r.path,
-            "reason": r.reason,
-            "heads": list(r.heads),
-            "patterns": r.patterns,
-            "density": r.density,
-        }
-        for r in last_report(model)
-    ]
+    local = [r.to_dict() for r in last_report(model)]
     group = _PATCHED[model][1].tp_group
     if group is None:
         return local

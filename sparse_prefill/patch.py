@@ -174,16 +174,4 @@ def last_report(model) -> list[LayerRecord]:
 
 def report_json(model) -> str:
     """:func:`last_report` as JSON (densities per sample and head)."""
-    return json.dumps(
-        [
-            {
-                "layer": r.layer,
-                "path": r.path,
-                "reason": r.reason,
-                "heads": list(r.heads),
-                "patterns": r.patterns,
-                "density": r.density,
-            }
-            for r in last_report(model)
-        ]
-    )
+    return json.dumps([r.to_dict() for r in last_report(model)])
