@@ -158,19 +158,26 @@ class _GraphedSelect:
         inputs = self._inputs(measured, dev)
         for name, t in measured.items():
             inputs[name].copy_(t)
+        # capture_begin/end on a side stream rather than torch.cuda.graph(), which synchronises the device and
+        # empties the allocator's cache: costs a model's forward would pay at every capture.
+        current, side = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
+        side.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
         try:
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
-                self.select({n: t.clone() for n, t in inputs.items()})
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            pool = self._pools.setdefault(dev, torch.cuda.graph_pool_handle())
-            with torch.cuda.graph(graph, pool=pool):
-                output = self.select(inputs)
+            with torch.cuda.stream(side):
+                self.select({n: t.clone() for n, t in inputs.items()})  # warm-up off the capture
+                graph.capture_begin(
+                    pool=self._pools.setdefault(dev, torch.cuda.graph_pool_handle()), capture_error_mode="thread_local"
+                )
+                try:
+                    output = self.select(inputs)
+                finally:
+                    graph.capture_end()
         except RuntimeError as err:
+            current.wait_stream(side)
             logger.warning("sparse_prefill: CUDA graph capture of the index selection failed (%s); runs eagerly", err)
             return
+        current.wait_stream(side)
         self.graph = (graph, inputs, output)
 
     @classmethod
