@@ -22,6 +22,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .adaptive import CHOICES
 from .estimate import LayerPlan
 from .index import SparseIndex, tile_density
 from .reference import sparse_attention_torch
@@ -40,16 +41,18 @@ _DENSE_BACKENDS = [
 
 @dataclass
 class LayerRecord:
-    """What one layer did on its last call. ``density`` is per (sample, head), computed when first read."""
+    """What one layer did on its last call. ``density``, ``choices`` and ``patterns`` are per (sample, head) and
+    computed when first read (so the forward never waits for them)."""
 
     layer: int
     path: str
     reason: str = ""
-    patterns: list[str] = field(default_factory=list)
+    heads: list[str] = field(default_factory=list)  # each head's configured pattern (sparse path only)
     q_len: int = 0
     kv_len: int = 0
     index: SparseIndex | None = None
     _density: torch.Tensor | None = None
+    _choices: list[list[str]] | None = None
 
     @property
     def density(self) -> list[list[float]] | None:
@@ -59,6 +62,28 @@ class LayerRecord:
         if self._density is None:
             self._density = tile_density(self.index).cpu()
         return self._density.tolist()
+
+    @property
+    def choices(self) -> list[list[str]] | None:
+        """Per sample and head, the pattern that ran: the configured one, or ``adaptive:<pattern>`` for an adaptive
+        head (``adaptive:vertical_slash``, ``adaptive:block_sparse`` or ``adaptive:dense``). None on the dense path."""
+        if self.index is None:
+            return None
+        if self._choices is None:
+            B = self.index.diag_mask.shape[0]
+            codes = self.index.choice.tolist() if self.index.choice is not None else [[-1] * len(self.heads)] * B
+            self._choices = [
+                [f"adaptive:{CHOICES[c]}" if c >= 0 else p for p, c in zip(self.heads, row)] for row in codes
+            ]
+        return self._choices
+
+    @property
+    def patterns(self) -> list[str]:
+        """Per head, the pattern that ran (an adaptive head's choices per sample joined by ``,`` where samples
+        differ, e.g. ``adaptive:vertical_slash,adaptive:dense``); empty on the dense path."""
+        if self.choices is None:
+            return []
+        return [",".join(dict.fromkeys(per_sample)) for per_sample in zip(*self.choices)]
 
 
 @dataclass
@@ -183,7 +208,7 @@ def sparse_prefill_attention(
         return dense()
     index = state.plan.index(query, key, scale, kv_start)
     record.path, record.reason, record.index = "sparse", "", index
-    record.patterns = [h.pattern for h in state.plan.heads]
+    record.heads = [h.pattern for h in state.plan.heads]
     return run(query, key, value, index, scale), None
 
 
