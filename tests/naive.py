@@ -187,6 +187,4 @@ def adaptive_head(q, k, b, h, spec, scale, start):
     block_sparse = js < p["tau"] and fits
     density = bs_density if block_sparse else vs_density
     choice = "dense" if density >= p["dense_above"] else "block_sparse" if block_sparse else "vertical_slash"
-    return dict(
-        choice=choice, js=js, vs_density=vs_density, bs_density=bs_density, cols=cols, diags=diags, rows=rows
-    )
+    return dict(choice=choice, js=js, vs_density=vs_density, bs_density=bs_density, cols=cols, diags=diags, rows=rows)

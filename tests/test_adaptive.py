@@ -149,6 +149,25 @@ def test_padding_gives_each_sample_its_unpadded_choice():
     assert torch.equal(token_mask(batched)[1, :, pad:, pad:], token_mask(alone)[0])
 
 
+@pytest.mark.parametrize("valid", [100, 200])
+def test_padding_rows_never_enter_the_estimate(valid):
+    """A sample shorter than last_q: its padding queries (garbage here) must not move the mean query or the scores."""
+    heads = [spec("adaptive", **{**s.params, "last_q": 256}) for s in RANDOM_HEADS]
+    q, k, _ = qkv(1, 4, 2, valid, valid, seed=valid)
+    pad = 230 - valid
+    qp = torch.cat([torch.full((1, 4, pad, 16), 7.0), q], 2)
+    kp = torch.cat([torch.full((1, 2, pad, 16), -3.0), k], 2)
+    other_q, other_k, _ = qkv(1, 4, 2, 230, 230, seed=1)
+    batched = adaptive_sets(torch.cat([other_q, qp]), torch.cat([other_k, kp]), heads, [0, 1, 2, 3], 0.3, [0, pad])
+    alone = adaptive_sets(q, k, heads, [0, 1, 2, 3], 0.3, [0])
+    assert (alone.js[0] > 0.01).all()
+    for name in ("js", "vs_density", "bs_density"):
+        assert_close(
+            getattr(batched, name)[1].nan_to_num(posinf=9), getattr(alone, name)[0].nan_to_num(posinf=9), 1e-5, 1e-5
+        )
+    assert torch.equal(batched.choice[1], alone.choice[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_adaptive_output_equals_the_reference_attention(dtype):
     q, k = synthetic_heads(700, seed=1)
