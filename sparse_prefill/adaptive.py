@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from .config import HeadSpec
 from .estimate import _kv_chunks, _mean_pool, block_diagonal_mass, const, vertical_slash_scores
+from .kernels import cover_rows_triton
 from .index import BLOCK, block_bases, cdiv, cdiv_tensor, query_offsets, slash_diagonals
 
 CHOICES = ("vertical_slash", "block_sparse", "dense")  # codes of AdaptiveSets.choice
@@ -66,7 +67,7 @@ class AdaptiveSets:
         blocks: [B, h, M, K] int64 key blocks per query block, -1 = none (block-sparse choices).
         js: [B, h] float, sqrt of the Jensen–Shannon divergence between true and pooled block attention.
         vs_density, bs_density: [B, h] float, estimated tile density of the vertical-slash sets and of the
-            block-sparse sets (``inf`` where a row needs more than ``max_blocks``).
+            block-sparse sets (``inf`` where the head is not query-aware or a row needs more than ``max_blocks``).
     """
 
     choice: torch.Tensor
@@ -206,7 +207,8 @@ def query_aware_cover(
         local_vertical: [B, h, Sk] vertical scores per local column (:func:`to_local`).
     Returns:
         js: [B, h] sqrt JS divergence. blocks: [B, h, M, K] key blocks per query block, -1 past the set.
-        density: [B, h] estimated tile density, ``inf`` where a row needs more than ``max_blocks`` blocks.
+        density: [B, h] estimated tile density of the block-sparse sets, ``inf`` where the head is not query-aware
+        (``sqrt JS >= tau``; on CUDA its rows are not even ranked) or a row needs more than ``max_blocks`` blocks.
     """
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
@@ -219,7 +221,7 @@ def query_aware_cover(
     blocks = torch.full((B, h, M, K), -1, dtype=torch.long, device=dev)
     js = torch.empty(B, h, device=dev)
     tiles = torch.empty(B, h, device=dev)
-    gamma, limit = _param(specs, "gamma", dev), const(max_blocks, dev)
+    gamma, tau, limit = _param(specs, "gamma", dev), _param(specs, "tau", dev), const(max_blocks, dev)
     sink = cdiv_tensor(_param(specs, "force_vertical", dev), BLOCK)  # [h] key blocks holding the forced first keys
     nearest = _param(specs, "force_slash", dev).clamp(min=1)
     last_q = [s.params["last_q"] for s in specs]
@@ -234,9 +236,7 @@ def query_aware_cover(
         qs = max(0, ks - (Sk - Sq))  # first valid query row
         Mb, Nb = cdiv(Sq - qs, BLOCK), cdiv(Sk - ks, BLOCK)
         pooled_k = _mean_pool(k[b, :, ks:])  # [Hkv, Nb, D]
-        j = torch.arange(Nb, device=dev)
         first = off[b] + torch.arange(Mb, device=dev) * BLOCK  # local position of each query block's first row
-        causal = j[None, :] <= base[b, :Mb, None]  # [Mb, Nb]
         window = (in_window & (Sq - L + r >= qs)[None, :]).float()  # [h, L] last queries that exist
         for kv0, kv1, sel in _kv_chunks(heads, group, Mb * Nb * 4 * 4):
             idx = const(sel, dev)
@@ -249,18 +249,41 @@ def query_aware_cover(
             est = torch.softmax(est.float() * scale, -1)  # [hc, Nb]
             got = true[b].index_select(0, idx)[:, :Nb]
             js[b, idx] = js_divergence(got / got.sum(-1, keepdim=True), est)
+            query_aware = js[b, idx] < tau.index_select(0, idx)
             # Query-aware sets: per query block, softmax of pooled q·k over its causal key blocks.
             pq = _mean_pool(q[b, :, qs:].index_select(0, rows)).unflatten(0, (kv1 - kv0, -1))  # [kv, g, Mb, D]
-            scores = (pq @ pooled_k[kv0:kv1, None].transpose(-1, -2)).flatten(0, 1).float() * scale  # [hc, Mb, Nb]
-            p = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+            scores = (pq @ pooled_k[kv0:kv1, None].transpose(-1, -2)).flatten(0, 1).float()  # [hc, Mb, Nb]
             lo = (first[None, :] - nearest.index_select(0, idx)[:, None] + 1).clamp(min=0) // BLOCK  # [hc, Mb]
-            forced = causal & ((j[None, None, :] >= lo[..., None]) | (j < sink.index_select(0, idx)[:, None, None]))
-            order, keep, count = cover(p, forced, gamma.index_select(0, idx)[:, None, None], k=K)
-            width = min(K, order.shape[-1])
-            blocks[b, idx, :Mb, :width] = torch.where(keep[..., :width], order[..., :width], -1)
-            fits = (count <= limit.index_select(0, idx)[:, None]).all(-1)
+            args = (base[b, :Mb], lo, sink.index_select(0, idx), gamma.index_select(0, idx))
+            if q.is_cuda and cover_rows_triton is not None:  # rows of heads that are not query-aware are skipped
+                picked, count = cover_rows_triton(scores, *args, query_aware, K, scale)
+            else:
+                picked, count = cover_rows_torch(scores * scale, *args, K)
+            blocks[b, idx, :Mb, : picked.shape[-1]] = picked
+            fits = (count <= limit.index_select(0, idx)[:, None]).all(-1) & query_aware
             tiles[b, idx] = torch.where(fits, count.sum(-1).float(), float("inf"))
     return js, blocks, tiles / geo.causal[:, None]
+
+
+def cover_rows_torch(
+    scores: torch.Tensor, top: torch.Tensor, lo: torch.Tensor, sink: torch.Tensor, gamma: torch.Tensor, K: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block lists of query-aware rows, every head (the reference of
+    :func:`~sparse_prefill.kernels.cover_rows.cover_rows_triton`, which takes the same arguments and skips heads).
+
+    Args:
+        scores: [h, M, N] scaled pooled q·k. top: [M] last causal key block per row. lo: [h, M] forced from this key
+            block on (own and local blocks). sink: [h] forced below this key block. gamma: [h]. K: list width.
+    Returns:
+        blocks: [h, M, min(K, N)] key blocks (ranked order), -1 past the set; count: [h, M] set sizes (> K: no fit).
+    """
+    j = torch.arange(scores.shape[-1], device=scores.device)
+    causal = j[None, :] <= top[:, None]  # [M, N]
+    p = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    forced = causal & ((j >= lo[..., None]) | (j < sink[:, None, None]))
+    order, keep, count = cover(p, forced, gamma[:, None, None], k=K)
+    width = min(K, order.shape[-1])
+    return torch.where(keep[..., :width], order[..., :width], -1), count
 
 
 def adaptive_sets(
@@ -283,8 +306,7 @@ def adaptive_sets(
     cols, diag, vs_density = vertical_slash_cover(vertical, slash, specs, Sq, starts, geo)
     js, blocks, bs_density = query_aware_cover(q, k, to_local(vertical, starts), specs, heads, scale, kv_start, geo)
 
-    block_sparse = js < _param(specs, "tau", dev)[None, :]
-    block_sparse &= bs_density.isfinite()
+    block_sparse = bs_density.isfinite()  # query-aware (sqrt JS < tau) and every row fits in max_blocks
     density = torch.where(block_sparse, bs_density, vs_density)
     dense = density >= _param(specs, "dense_above", dev)[None, :]
     choice = torch.where(dense, DENSE, torch.where(block_sparse, BLOCK_SPARSE, VERTICAL_SLASH))

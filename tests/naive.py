@@ -182,9 +182,8 @@ def adaptive_head(q, k, b, h, spec, scale, start):
         forced = {j for j in visible if j >= lo or j < sinks}
         rows.append(cover_set(dict(zip(visible, probs)), forced, p["gamma"]))
         fits &= len(rows[-1]) <= limit
-    bs_density = sum(map(len, rows)) / causal if fits else math.inf
-
     block_sparse = js < p["tau"] and fits
+    bs_density = sum(map(len, rows)) / causal if block_sparse else math.inf
     density = bs_density if block_sparse else vs_density
     choice = "dense" if density >= p["dense_above"] else "block_sparse" if block_sparse else "vertical_slash"
     return dict(choice=choice, js=js, vs_density=vs_density, bs_density=bs_density, cols=cols, diags=diags, rows=rows)

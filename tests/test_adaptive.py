@@ -10,7 +10,7 @@ from naive import adaptive_head, cover_set, frame, mask_from_sets
 from conftest import assert_close, spec
 from sparse_prefill.adaptive import CHOICES, adaptive_sets, cover
 from sparse_prefill.estimate import build_index
-from sparse_prefill.index import token_mask
+from sparse_prefill.index import block_mask, col_mask, token_mask
 from sparse_prefill.reference import attention_ref, sparse_attention_torch
 from test_index import qkv
 
@@ -199,3 +199,58 @@ def test_gamma_trades_density_for_mass():
     for lo, hi in zip(densities, densities[1:]):
         assert (lo <= hi).all()
     assert math.isfinite(float(densities[-1].sum()))
+
+
+@pytest.mark.parametrize("N,M", [(5, 5), (40, 33), (130, 7)])
+def test_cover_rows_kernel_equals_the_torch_rows(N, M):
+    """The Triton row kernel (interpreted without CUDA) keeps the torch ranking's sets, ascending, and skips the rows
+    of unflagged heads."""
+    pytest.importorskip("triton")
+    from sparse_prefill.adaptive import cover_rows_torch
+    from sparse_prefill.kernels import cover_rows_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(N)
+    h = 4
+    scores = (torch.randn(h, M, N, generator=g) * torch.tensor([0.5, 2.0, 4.0, 8.0])[:, None, None]).to(dev)
+    top = torch.arange(M, device=dev) * max(1, N // M) + (N - 1 - (M - 1) * max(1, N // M))  # causal reach per row
+    lo = (top[None, :] - torch.tensor([0, 1, 3, 0], device=dev)[:, None]).clamp(min=0)
+    sink = torch.tensor([1, 0, 2, 0], device=dev)
+    gamma = torch.tensor([0.9, 0.5, 0.99, 1.0], device=dev)
+    K = max(2, N // 3)
+    want, want_count = cover_rows_torch(scores * 0.7, top, lo, sink, gamma, K)
+    flag = torch.tensor([True, True, False, True], device=dev)
+    got, count = cover_rows_triton(scores, top, lo, sink, gamma, flag, K, 0.7)
+    compared = 0
+    for i in range(h):
+        for m in range(M):
+            if not flag[i]:
+                assert count[i, m] == 0 and (got[i, m] == -1).all()
+                continue
+            if want_count[i, m] > K:  # no fit: the torch ranking stops counting at K + 1
+                assert count[i, m] > K, (i, m)
+                continue
+            assert count[i, m] == want_count[i, m], (i, m)
+            kept = got[i, m][got[i, m] >= 0].tolist()
+            assert kept == sorted(kept) and set(kept) == set(want[i, m][want[i, m] >= 0].tolist()), (i, m)
+            compared += 1
+    assert compared >= M
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("S", [4096, 32768])
+def test_gpu_builds_the_cpu_adaptive_index(S):
+    """CUDA (row kernel, bf16-free fp32 inputs) and CPU (torch ranking) choose the same patterns and sets."""
+    heads = [spec("adaptive"), spec("adaptive", gamma=0.95, tau=0.3, max_blocks=0.5), spec("vertical_slash")] * 2
+    q, k = synthetic_heads(S, seed=S)
+    q = torch.cat([q, q * 0.5], 1)  # 6 query heads on 3 KV heads
+    starts = [0, 1000]
+    q, k = q.repeat(2, 1, 1, 1), k.repeat(2, 1, 1, 1)
+    cpu = build_index(q, k, heads, 64**-0.5, starts)
+    gpu = build_index(q.cuda(), k.cuda(), heads, 64**-0.5, starts)
+    assert torch.equal(cpu.choice, gpu.choice.cpu())
+    for b in range(2):
+        for part in (block_mask, col_mask):
+            want, got = part(cpu, b), part(gpu, b).cpu()
+            assert (want != got).sum() <= 0.005 * want.sum(), part.__name__

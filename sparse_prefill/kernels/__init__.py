@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 try:
+    from .cover_rows import cover_rows_triton
     from .sparse_attention import sparse_attention_triton, supports
 except ImportError as err:  # no triton on this platform
     _reason = f"triton unavailable: {err}"
+    cover_rows_triton = None  # callers fall back to torch
 
     def supports(q, k) -> str | None:
         return _reason
@@ -14,4 +16,4 @@ except ImportError as err:  # no triton on this platform
         raise RuntimeError(_reason)
 
 
-__all__ = ["sparse_attention_triton", "supports"]
+__all__ = ["cover_rows_triton", "sparse_attention_triton", "supports"]
