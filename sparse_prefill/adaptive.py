@@ -99,7 +99,8 @@ def cover(
     n = mass.shape[-1]
     width = n if k is None else min(k + 1, n)
     total = mass.sum(-1, keepdim=True)
-    _, order = mass.masked_fill(forced, float("inf")).topk(width, dim=-1)
+    key = mass.masked_fill(forced, float("inf"))
+    order = key.argsort(dim=-1, descending=True) if k is None else key.topk(width, dim=-1).indices
     ranked = mass.gather(-1, order)
     before = F.pad(ranked.cumsum(-1), (1, 0))[..., :-1]  # mass of the entries ranked above each one
     short = (before < gamma * total) | (gamma >= 1)  # gamma 1: every entry with mass, whatever the rounding
