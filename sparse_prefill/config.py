@@ -61,7 +61,7 @@ PATTERN_DEFAULTS: dict[str, dict[str, int | float | str]] = {
         "last_q": 64,
         "force_vertical": 64,
         "force_slash": 128,
-        "max_blocks": 0.25,
+        "max_blocks": 0.125,
         "dense_above": 0.8,
     },
 }
