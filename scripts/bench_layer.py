@@ -3,12 +3,15 @@
 A benchmark, not a test: it prints a table and writes markdown + CSV under --out. Run on a CUDA machine:
 
     python scripts/bench_layer.py --lengths 8k,32k,64k,128k
+    python scripts/bench_layer.py --lengths 32k,64k,128k --shapes llama3-8b --providers vertical_slash,adaptive
+    python scripts/bench_layer.py --smoke   # CPU, tiny shapes, torch backend: checks the script, measures nothing
 
 For each shape, length and input kind it times (median of triton's do_bench, ms) dense SDPA with the cuDNN and the
 flash backends, and for each pattern at MInference's default budgets: index building alone, the kernel alone on
 that index, and the whole path. It also reports the achieved tile density, the relative L2 error against dense
 attention and against the same pattern computed in fp32 (on sampled query rows), and the peak memory above the
-inputs compared with cuDNN's.
+inputs compared with cuDNN's. ``adaptive`` (every head adaptive at its defaults; ``--gamma``/``--tau`` change them)
+counts its estimation in ``index_ms`` like the others, and lists what its heads chose in ``patterns``.
 
 Inputs: ``random`` (near-uniform attention, so any chosen indices are arbitrary: the worst case) and ``structured``
 (a rotary-induced local band, attention-sink keys, a few strong vertical keys and repeated-offset slashes, the
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+from collections import Counter
 import platform
 import sys
 from pathlib import Path
@@ -29,9 +33,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec  # noqa: E402
+from sparse_prefill.adaptive import CHOICES  # noqa: E402
+from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec, check_unit  # noqa: E402
 from sparse_prefill.estimate import LayerPlan, _GraphedSelect  # noqa: E402
 from sparse_prefill.index import block_mask, col_mask, rows_mask, tile_density  # noqa: E402
+from sparse_prefill.reference import sparse_attention_torch  # noqa: E402
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # query heads, kv heads, head_dim
 PATTERNS = {
@@ -39,7 +45,10 @@ PATTERNS = {
     "vertical_slash_token": HeadSpec("vertical_slash", {**PATTERN_DEFAULTS["vertical_slash"], "slash_select": "token"}),
     "a_shape": HeadSpec("a_shape", dict(PATTERN_DEFAULTS["a_shape"])),
     "block_sparse": HeadSpec("block_sparse", dict(PATTERN_DEFAULTS["block_sparse"])),
+    "adaptive": HeadSpec("adaptive", dict(PATTERN_DEFAULTS["adaptive"])),
 }
+SMOKE = dict(lengths="2k", shapes="tiny", inputs="random,structured")  # --smoke: seconds on a CPU
+SHAPES["tiny"] = (4, 2, 64)
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -84,26 +93,40 @@ def structured_qkv(H: int, Hkv: int, S: int, D: int, seed: int = 0, dev: str = "
     return q[None].bfloat16(), k[None].bfloat16(), v[None].bfloat16()
 
 
-def random_qkv(H: int, Hkv: int, S: int, D: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return tuple(torch.randn(1, h, S, D, generator=g, device="cuda").bfloat16() for h in (H, Hkv, Hkv))
+def random_qkv(H: int, Hkv: int, S: int, D: int, seed: int = 0, dev: str = "cuda"):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    return tuple(torch.randn(1, h, S, D, generator=g, device=dev).bfloat16() for h in (H, Hkv, Hkv))
 
 
 def dense(q, k, v, backend) -> torch.Tensor:
     from torch.nn.attention import sdpa_kernel
 
+    if not q.is_cuda:  # --smoke: the CPU's SDPA stands in for every backend
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     with sdpa_kernel([backend]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
 def bench(fn) -> float:
+    if not torch.cuda.is_available():  # --smoke: wall clock, median of 3
+        import time
+
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[1]
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def peak_extra(fn) -> int:
-    """Peak bytes allocated while fn runs, above what was allocated before."""
+    """Peak bytes allocated while fn runs, above what was allocated before (0 without CUDA)."""
+    if not torch.cuda.is_available():
+        fn()
+        return 0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -112,15 +135,13 @@ def peak_extra(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def first_calls(q, k, v, spec, scale) -> None:
+def first_calls(q, k, v, spec, scale, sparse_attention) -> None:
     """Three calls of a fresh plan: eager, CUDA-graph capture (with the workspace and the graph's memory) and replay,
     so the peak counts everything the index keeps, not only the steady state."""
-    from sparse_prefill.kernels import sparse_attention_triton
-
     _GraphedSelect._workspaces.clear()
     plan = LayerPlan([spec] * q.shape[1])
     for _ in range(3):
-        sparse_attention_triton(q, k, v, plan.index(q, k, scale, [0]), scale)
+        sparse_attention(q, k, v, plan.index(q, k, scale, [0]), scale)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -140,18 +161,40 @@ def main() -> None:
     parser.add_argument("--inputs", default="random,structured")
     parser.add_argument("--captured", default=None, help="a .pt file with q/k/v of one layer (adds input 'captured')")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--providers", default=",".join(PATTERNS), help=f"sparse patterns to run: {', '.join(PATTERNS)}"
+    )
+    parser.add_argument("--gamma", type=float, default=None, help="adaptive: attention mass of the sets")
+    parser.add_argument("--tau", type=float, default=None, help="adaptive: block-sparse threshold on sqrt JS")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on the CPU with the torch backend: checks that it runs"
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_layer: no CUDA device, nothing to measure")
+    patterns = {name: PATTERNS[name] for name in args.providers.split(",")}
+    if "adaptive" in patterns:
+        overrides = {
+            n: check_unit(v, f"--{n}", n) for n, v in (("gamma", args.gamma), ("tau", args.tau)) if v is not None
+        }
+        patterns["adaptive"] = HeadSpec("adaptive", {**patterns["adaptive"].params, **overrides})
+    if args.smoke:
+        args.lengths, args.shapes, args.inputs = SMOKE["lengths"], SMOKE["shapes"], SMOKE["inputs"]
+        args.out = args.out if args.out != parser.get_default("out") else "benchmarks/smoke"
+    elif not torch.cuda.is_available():
+        print("bench_layer: no CUDA device, nothing to measure (--smoke runs tiny shapes on the CPU)")
         return
     from torch.nn.attention import SDPBackend
 
-    from sparse_prefill.kernels import sparse_attention_triton
+    if torch.cuda.is_available():
+        import triton
 
-    import triton
+        from sparse_prefill.kernels import sparse_attention_triton as sparse_attention
 
-    device = torch.cuda.get_device_name()
-    versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
+        dev, device = "cuda", torch.cuda.get_device_name()
+        versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
+    else:
+        sparse_attention = sparse_attention_torch
+        dev, device = "cpu", f"CPU smoke run ({platform.processor() or platform.machine()}), torch backend"
+        versions = f"torch {torch.__version__}, python {platform.python_version()}"
     rows = []
     inputs = args.inputs.split(",") + (["captured"] if args.captured else [])
     for shape in args.shapes.split(","):
@@ -162,11 +205,11 @@ def main() -> None:
                     data = torch.load(args.captured)
                     if (data["q"].shape[1], data["q"].shape[-1]) != (H, D) or data["q"].shape[2] < S:
                         continue
-                    q, k, v = (data[n][..., :S, :].cuda().bfloat16() for n in "qkv")
+                    q, k, v = (data[n][..., :S, :].to(dev).bfloat16() for n in "qkv")
                 elif kind == "structured":
-                    q, k, v = structured_qkv(H, Hkv, S, D)
+                    q, k, v = structured_qkv(H, Hkv, S, D, dev=dev)
                 else:
-                    q, k, v = random_qkv(H, Hkv, S, D)
+                    q, k, v = random_qkv(H, Hkv, S, D, dev=dev)
                 scale = D**-0.5
                 causal_flops = 4 * D * S * S / 2 * H
                 ref = dense(q, k, v, SDPBackend.CUDNN_ATTENTION).transpose(1, 2)
@@ -195,15 +238,15 @@ def main() -> None:
                         "tflops": causal_flops / t_flash / 1e9,
                     }
                 )
-                sample = sampled_rows(S).cuda()
-                for name, spec in PATTERNS.items():
+                sample = sampled_rows(S).to(dev)
+                for name, spec in patterns.items():
                     plan = LayerPlan([spec] * H)  # as in a patched model: built once, called by every layer
                     index = plan.index(q, k, scale, [0])
-                    out = sparse_attention_triton(q, k, v, index, scale)
+                    out = sparse_attention(q, k, v, index, scale)
                     t_index = bench(lambda: plan.index(q, k, scale, [0]))
-                    t_kernel = bench(lambda: sparse_attention_triton(q, k, v, index, scale))
-                    t_all = bench(lambda: sparse_attention_triton(q, k, v, plan.index(q, k, scale, [0]), scale))
-                    mem = peak_extra(lambda: first_calls(q, k, v, spec, scale))
+                    t_kernel = bench(lambda: sparse_attention(q, k, v, index, scale))
+                    t_all = bench(lambda: sparse_attention(q, k, v, plan.index(q, k, scale, [0]), scale))
+                    mem = peak_extra(lambda: first_calls(q, k, v, spec, scale, sparse_attention))
                     density = float(tile_density(index).mean())
                     exact = exact_rows(q, k, v, index, sample, scale)
                     torch_bf16 = exact_rows(q, k, v, index, sample, scale, dtype=torch.bfloat16)
@@ -223,12 +266,23 @@ def main() -> None:
                             "err_vs_pattern": rel_err(out[0, sample], exact),
                             "torch_bf16_err_vs_pattern": rel_err(torch_bf16, exact),
                             "mem_mb": mem / 2**20,
-                            "mem_vs_cudnn": mem / mem_cudnn,
+                            "mem_vs_cudnn": mem / mem_cudnn if mem_cudnn else float("nan"),
+                            "patterns": _chosen(index),
                         }
                     )
                     print(_line(rows[-1]), flush=True)
-                torch.cuda.empty_cache()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     write(rows, Path(args.out), device, versions)
+
+
+def _chosen(index) -> str:
+    """What adaptive heads chose, e.g. ``vs 28 / bs 2 / dense 2``; empty for fixed patterns."""
+    if index.choice is None:
+        return ""
+    counts = Counter(CHOICES[c] for c in index.choice.flatten().tolist() if c >= 0)
+    short = {"vertical_slash": "vs", "block_sparse": "bs", "dense": "dense"}
+    return " / ".join(f"{short[c]} {counts[c]}" for c in CHOICES if counts[c])
 
 
 def exact_rows(q, k, v, index, rows, scale, dtype=torch.float32) -> torch.Tensor:
@@ -270,6 +324,7 @@ COLUMNS = [
     "torch_bf16_err_vs_pattern",
     "mem_mb",
     "mem_vs_cudnn",
+    "patterns",
     "device",
     "versions",
 ]

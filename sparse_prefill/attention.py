@@ -23,6 +23,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .adaptive import CHOICES
 from .config import AUTO
 from .devices import dense_backend_for, device_class, load_flash_attn, min_seq_len_for
 from .estimate import LayerPlan
@@ -43,19 +44,20 @@ _DENSE_BACKENDS = [
 
 @dataclass
 class LayerRecord:
-    """What one layer did on its last call. ``density`` is per (sample, head), computed when first read; ``heads``
-    gives the global id of each head (this rank's slice under tensor parallelism), ``patterns`` and ``density``
-    follow its order."""
+    """What one layer did on its last call. ``heads`` gives the global id of each head (this rank's slice under tensor
+    parallelism); ``specs``, ``patterns``, ``choices`` and ``density`` follow its order. ``density`` and ``choices``
+    are per (sample, head) and computed when first read (so the forward never waits for them)."""
 
     layer: int
     path: str
     heads: tuple[int, ...] = ()
     reason: str = ""
-    patterns: list[str] = field(default_factory=list)
+    specs: list[str] = field(default_factory=list)  # each head's configured pattern (sparse path only)
     q_len: int = 0
     kv_len: int = 0
     index: SparseIndex | None = None
     _density: torch.Tensor | None = None
+    _choices: list[list[str]] | None = None
 
     @property
     def density(self) -> list[list[float]] | None:
@@ -66,9 +68,31 @@ class LayerRecord:
             self._density = tile_density(self.index).cpu()
         return self._density.tolist()
 
+    @property
+    def choices(self) -> list[list[str]] | None:
+        """Per sample and head, the pattern that ran: the configured one, or ``adaptive:<pattern>`` for an adaptive
+        head (``adaptive:vertical_slash``, ``adaptive:block_sparse`` or ``adaptive:dense``). None on the dense path."""
+        if self.index is None:
+            return None
+        if self._choices is None:
+            B = self.index.diag_mask.shape[0]
+            codes = self.index.choice.tolist() if self.index.choice is not None else [[-1] * len(self.specs)] * B
+            self._choices = [
+                [f"adaptive:{CHOICES[c]}" if c >= 0 else p for p, c in zip(self.specs, row)] for row in codes
+            ]
+        return self._choices
+
+    @property
+    def patterns(self) -> list[str]:
+        """Per head, the pattern that ran (an adaptive head's choices per sample joined by ``,`` where samples
+        differ, e.g. ``adaptive:vertical_slash,adaptive:dense``); empty on the dense path."""
+        if self.choices is None:
+            return []
+        return [",".join(dict.fromkeys(per_sample)) for per_sample in zip(*self.choices)]
+
     def to_dict(self) -> dict:
-        """JSON-ready: layer, path, reason, heads (global ids), patterns and density, both aligned with heads."""
-        fields = ("layer", "path", "reason", "patterns", "density")
+        """JSON-ready: layer, path, reason, heads (global ids), patterns, choices and density, aligned with heads."""
+        fields = ("layer", "path", "reason", "patterns", "choices", "density")
         return {"heads": list(self.heads), **{name: getattr(self, name) for name in fields}}
 
 
@@ -257,7 +281,7 @@ def sparse_prefill_attention(
         index = state.plan.index(query, key, scale, kv_start)
         out = run(query, key, value, index, scale)
     record.path, record.reason, record.index = "sparse", "", index
-    record.patterns = [h.pattern for h in state.plan.heads]
+    record.specs = [h.pattern for h in state.plan.heads]
     return out, None
 
 

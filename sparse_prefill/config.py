@@ -54,9 +54,26 @@ PATTERN_DEFAULTS: dict[str, dict[str, int | float | str]] = {
     },
     # top-k key blocks per query block from mean-pooled q·k.
     "block_sparse": {"top_k": 100},
+    # No fixed pattern: per call, sample and head, vertical-slash or query-aware block-sparse (or dense), with the
+    # fewest columns / diagonals / blocks whose estimated attention mass reaches `gamma` (sparse_prefill.adaptive,
+    # after FlexPrefill). Block-sparse when sqrt(JS) of the last `last_q` queries' true block attention and its
+    # pooled q·k estimate is below `tau`; dense when the sets' estimated tile density reaches `dense_above`. The
+    # first `force_vertical` keys and the `force_slash` nearest diagonals are always kept; a block-sparse row keeps
+    # at most `max_blocks` key blocks (a head whose rows need more is not block-sparse).
+    "adaptive": {
+        "gamma": 0.9,
+        "tau": 0.1,
+        "last_q": 64,
+        "force_vertical": 64,
+        "force_slash": 128,
+        "max_blocks": 0.125,
+        "dense_above": 0.8,
+    },
 }
-BUDGETS = {"sink", "local", "vertical", "slash", "top_k"}
+BUDGETS = {"sink", "local", "vertical", "slash", "top_k", "max_blocks"}
 CHOICES = {"slash_select": ("token", "block")}
+# Numbers in a closed or half-open unit interval: name -> (lowest allowed value is included, text for errors).
+UNIT = {"gamma": (False, "(0, 1]"), "tau": (True, "[0, 1]"), "dense_above": (False, "(0, 1]")}
 
 
 class ConfigError(ValueError):
@@ -213,6 +230,7 @@ def _head_spec(entry: Any, defaults: dict, where: str) -> HeadSpec:
     params = {k: v for k, v in entry.items() if k != "pattern"}
     _check_params(pattern, params, where)
     full = {**PATTERN_DEFAULTS[pattern], **defaults.get(pattern, {}), **params}
+    full = {k: float(v) if k in UNIT else v for k, v in full.items()}  # JSON's 1 is the float 1.0 here
     if pattern == "vertical_slash":
         for budget, forced in (("vertical", "force_vertical"), ("slash", "force_slash")):
             if isinstance(full[budget], int) and full[forced] > full[budget]:
@@ -232,12 +250,23 @@ def _check_params(pattern: str, params: Any, where: str) -> None:
         if name in CHOICES:
             if value not in CHOICES[name]:
                 raise ConfigError(f"{where}.{name}: must be one of {CHOICES[name]}, got {value!r}")
+        elif name in UNIT:
+            check_unit(value, f"{where}.{name}", name)
         elif name in BUDGETS:
             if isinstance(value, float) and 0.0 < value < 1.0:
                 continue
             _check_int(value, f"{where}.{name}", minimum=1, fraction_ok=True)
         else:
             _check_int(value, f"{where}.{name}", minimum=1 if name == "last_q" else 0)
+
+
+def check_unit(value: Any, where: str, name: str) -> float:
+    """A number in ``UNIT[name]``'s interval as a float, else ConfigError naming ``where``."""
+    zero_ok, text = UNIT[name]
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not number or not (0.0 <= value <= 1.0) or (value == 0 and not zero_ok):
+        raise ConfigError(f"{where}: must be a number in {text}, got {value!r}")
+    return float(value)
 
 
 def _check_int(value: Any, where: str, minimum: int, fraction_ok: bool = False) -> None:

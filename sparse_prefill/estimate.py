@@ -10,6 +10,7 @@ so the same code builds the index on the CPU and on the GPU.
 * Block-sparse: mean-pool q and k in blocks, score pooled q·k causally, keep the ``top_k`` key blocks per query
   block, always including the blocks on the query block's own diagonal.
 * Dense: every block diagonal.
+* Adaptive: pattern and budgets per (sample, head) from the input, :mod:`sparse_prefill.adaptive`.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class LayerPlan:
         self.groups: dict[str, list[int]] = {}
         for h, spec in enumerate(self.heads):
             self.groups.setdefault(spec.pattern, []).append(h)
-        self.dynamic = "vertical_slash" in self.groups or "block_sparse" in self.groups
+        self.dynamic = bool({"vertical_slash", "block_sparse", "adaptive"} & set(self.groups))
         self._static: OrderedDict = OrderedDict()
 
     def index(self, q: torch.Tensor, k: torch.Tensor, scale: float, kv_start: list[int]) -> SparseIndex:
@@ -77,6 +78,11 @@ class LayerPlan:
             out["vertical"], out["slash"] = vertical_slash_scores(q, k, vs_heads, last_q, scale, starts)
         if bs_heads := self.groups.get("block_sparse"):
             out["blocks"] = block_sparse_sets(q, k, [self.heads[h] for h in bs_heads], bs_heads, scale, kv_start)
+        if ad_heads := self.groups.get("adaptive"):
+            from .adaptive import adaptive_sets  # it builds on this module
+
+            ad = adaptive_sets(q, k, [self.heads[h] for h in ad_heads], ad_heads, scale, kv_start)
+            out.update(ad_cols=ad.cols, ad_diag=ad.diag, ad_blocks=ad.blocks, ad_choice=ad.choice)
         return out
 
     def _select(self, measured: dict[str, torch.Tensor], static: dict, Sq: int, Sk: int) -> SparseIndex:
@@ -92,8 +98,22 @@ class LayerPlan:
             diag[:, const(vs_heads, dev)] |= vs_diag
         blocks = measured.get("blocks")
         if blocks is None:
-            blocks = torch.full((B, H, cdiv(Sq, BLOCK), 0), -1, dtype=torch.long, device=dev)
-        return make_index(Sq, Sk, starts, diag, _scatter_heads(B, H, cols, dev), blocks)
+            blocks = torch.full((B, H, cdiv(Sq, BLOCK), 0), -1, dtype=torch.int32, device=dev)
+        choice = None
+        if ad_heads := self.groups.get("adaptive"):  # pattern and budgets chosen per (sample, head) from this input
+            idx = const(ad_heads, dev)
+            cols.append((ad_heads, measured["ad_cols"]))
+            diag = diag.clone()
+            diag[:, idx] |= measured["ad_diag"]
+            ad_blocks = measured["ad_blocks"]
+            width = max(blocks.shape[-1], ad_blocks.shape[-1])
+            blocks = F.pad(blocks, (0, width - blocks.shape[-1]), value=-1)
+            blocks[:, idx, :, : ad_blocks.shape[-1]] = ad_blocks.to(blocks.dtype)
+            choice = torch.full((B, H), -1, dtype=torch.long, device=dev)
+            choice[:, idx] = measured["ad_choice"]
+        index = make_index(Sq, Sk, starts, diag, _scatter_heads(B, H, cols, dev), blocks)
+        index.choice = choice
+        return index
 
     def _static_part(self, B: int, H: int, Sq: int, Sk: int, kv_start: list[int], dev: torch.device) -> dict:
         key = (B, H, Sq, Sk, tuple(kv_start), str(dev))

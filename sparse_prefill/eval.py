@@ -33,13 +33,13 @@ import transformers
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import PATTERN_DEFAULTS, ConfigError, SparseConfig
+from .config import PATTERN_DEFAULTS, ConfigError, SparseConfig, check_unit
 from .models import DTYPES, SMOLLM2, load_model
 from .patch import find_shipped_config, last_report, patch_model, unpatch_model
 from .patches import UnsupportedModelError, adapter_for
 from .tasks import TASKS, Haystack, Sample, make_samples, score
 
-ALIASES = {"vs": "vertical_slash", "a": "a_shape", "block": "block_sparse"}
+ALIASES = {"vs": "vertical_slash", "a": "a_shape", "block": "block_sparse", "adaptive": "adaptive"}
 MIN_LENGTH = 512  # room for the instructions and the answer of every task
 
 
@@ -170,7 +170,8 @@ def _run_batch(model, tokenizer, config, min_seq_len, modules, eos, batch: list[
     patch_model(model, config, min_seq_len=min_seq_len)
     try:
         sparse = prefill(model, modules, ids, mask)
-        report = [(r.path, r.density) for r in last_report(model)]  # read before the next prefill replaces it
+        # Read before the next prefill replaces it.
+        report = [(r.path, r.density, r.choices) for r in last_report(model)]
         _, f_logits = decode(model, sparse.cache, mask, sparse.logits, d_tokens.shape[1], eos, forced=d_tokens)
         # Back to the prompt: decode steps run dense either way, so this equals a fresh patched prefill.
         sparse.cache.crop(-(sparse.cache.get_seq_length() - ids.shape[1]))
@@ -206,8 +207,10 @@ def _run_batch(model, tokenizer, config, min_seq_len, modules, eos, batch: list[
                 "top1": float((f_log.argmax(-1) == d_tokens[b, :n]).float().mean()),
                 "kl": float((d_log.exp() * (d_log - f_log)).sum(-1).mean()),
                 "attn_rel_err": [round(e, 6) for e in err],
-                "density": [[round(x, 4) for x in (dens[b] if dens else [1.0] * heads)] for _, dens in report],
-                "sparse_layers": sum(path == "sparse" for path, _ in report),
+                "density": [[round(x, 4) for x in (dens[b] if dens else [1.0] * heads)] for _, dens, _ in report],
+                "sparse_layers": sum(path == "sparse" for path, _, _ in report),
+                # The pattern each head ran ("adaptive:<pattern>" for adaptive heads); "dense" on a dense layer.
+                "patterns": [choices[b] if choices else ["dense"] * heads for _, _, choices in report],
             }
         )
     return records
@@ -305,15 +308,19 @@ def summarize(records: list[dict], lengths: list[int], depths: list[float]) -> d
             "speedup": round(dense_s / patched_s, 3),
             "density": mean(x for r in rs for layer in r["density"] for x in layer),
             "layer_density": [mean(x for r in rs for x in r["density"][i]) for i in layers],
+            "patterns_run": dict(Counter(p for r in rs for layer in r["patterns"] for p in layer).most_common()),
             "layer_attn_rel_err": [mean(r["attn_rel_err"][i] for r in rs) for i in layers],
         }
     longest = [r["density"] for r in at(length=max(lengths))]  # [sample][layer][head]
     head_density = [[mean(head) for head in zip(*layer)] for layer in zip(*longest)]
+    runs = [r["patterns"] for r in at(length=max(lengths))]  # [sample][layer][head]
+    head_pattern = [[Counter(head).most_common(1)[0][0] for head in zip(*layer)] for layer in zip(*runs)]
     return {
         "accuracy": accuracy,
         "needle_grid": grid,
         "per_length": per_length,
         "head_density": head_density,
+        "head_pattern": head_pattern,
         "head_density_length": max(lengths),
     }
 
@@ -404,6 +411,13 @@ def summary_markdown(results: dict) -> str:
             ],
         ),
         "",
+        (
+            "Patterns run, over samples, layers and heads (adaptive heads choose per sample): "
+            + "; ".join(
+                f"{_k(n)}: " + ", ".join(f"{p} {c}" for p, c in per[str(n)]["patterns_run"].items()) for n in lengths
+            )
+        ),
+        "",
         "## Per layer: density / attention rel. error",
         "",
         *_table(
@@ -454,7 +468,7 @@ def _shape(info: dict) -> str:
 
 
 def _layer_patterns(config: SparseConfig) -> list[str]:
-    short = {"vertical_slash": "vs", "a_shape": "a", "block_sparse": "block", "dense": "dense"}
+    short = {"vertical_slash": "vs", "a_shape": "a", "block_sparse": "block", "dense": "dense", "adaptive": "adaptive"}
     return [
         " ".join(f"{short[p]}×{c}" for p, c in Counter(h.pattern for h in layer).items()) for layer in config.layers
     ]
@@ -494,8 +508,9 @@ def write_outputs(results: dict, config: SparseConfig, out: Path) -> None:
             config,
             tmp / "patterns.png",
             s["head_density"],
-            title=f"{results['meta']['config']['made_for']}: pattern per head, "
+            title=f"{results['meta']['config']['made_for']}: pattern per head (adaptive: the most frequent choice), "
             f"text = density at {_k(s['head_density_length'])} tokens",
+            chosen=s["head_pattern"],
         )
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(tmp.iterdir()):
@@ -552,6 +567,16 @@ def _at_least(minimum: int):
     return parse
 
 
+def _unit(name: str):
+    def parse(text: str) -> float:
+        try:
+            return check_unit(float(text), name, name)
+        except (ValueError, ConfigError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sparse-prefill-eval",
@@ -568,6 +593,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="sparse config: a JSON file, or uniform-<pattern> (vs, a, block, or a pattern name: "
         f"{', '.join(PATTERN_DEFAULTS)}); default: the shipped config for the model, else vertical-slash",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["config", "adaptive"],
+        default="config",
+        help="config: the patterns of --config; adaptive: no config, every head chooses its pattern and budget per "
+        "input (patch_model(mode='adaptive'))",
+    )
+    p.add_argument("--gamma", type=_unit("gamma"), default=None, help="attention mass of adaptive heads' sets, (0, 1]")
+    p.add_argument(
+        "--tau", type=_unit("tau"), default=None, help="adaptive heads' block-sparse threshold on sqrt JS, [0, 1]"
     )
     p.add_argument("--tasks", type=_tasks, default=list(TASKS), help=f"comma list of {', '.join(TASKS)} (default all)")
     p.add_argument(
@@ -645,6 +681,17 @@ def main(argv: list[str] | None = None) -> int:
         haystack = Haystack(args.haystack) if args.haystack else None
     except (OSError, ValueError) as e:
         fail("--haystack", e)
+    if args.mode == "adaptive" and args.config:
+        fail(
+            "--mode",
+            "adaptive builds its own config; leave out --config (or use --mode config with a config that has "
+            "adaptive heads)",
+        )
+    if (args.gamma is not None or args.tau is not None) and args.mode != "adaptive" and not args.config:
+        fail(
+            "--gamma" if args.gamma is not None else "--tau",
+            "applies to adaptive heads: use --mode adaptive or a config with adaptive heads",
+        )
     if args.config and not args.config.startswith("uniform-") and not Path(args.config).is_file():
         fail("--config", f"{args.config!r} is not a file (nor uniform-<pattern>)")
     if args.out.exists() and not args.out.is_dir():
@@ -662,11 +709,20 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         fail("--model", e)
     try:
-        config = patch_model(model, _config_arg(args.config, model), min_seq_len=args.min_seq_len)
+        config = patch_model(
+            model,
+            _config_arg(args.config, model),
+            mode=args.mode,
+            gamma=args.gamma,
+            tau=args.tau,
+            min_seq_len=args.min_seq_len,
+        )
     except UnsupportedModelError as e:
         fail("--model", e)
     except (ConfigError, OSError) as e:
         fail("--config", e)
+    except ValueError as e:  # gamma / tau given for a config without adaptive heads
+        fail("--gamma" if args.gamma is not None else "--tau", e)
     finally:
         unpatch_model(model)
     context = getattr(model.config, "max_position_embeddings", None)
@@ -692,7 +748,9 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model if args.model != SMOLLM2 else info.name,
             "model_info": vars(info),
             "config": {
-                "source": args.config or _default_source(info),
+                "source": "patch_model(mode='adaptive')"
+                if args.mode == "adaptive"
+                else args.config or _default_source(info),
                 "made_for": config.model.name,
                 "provenance": config.provenance,
                 "patterns": dict(Counter(h.pattern for layer in config.layers for h in layer)),

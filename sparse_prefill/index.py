@@ -53,6 +53,9 @@ class SparseIndex:
         col_idx: [B, H, V] local key columns ascending, then padding; ``col_cnt``: [B, H].
         col_row_cnt: [B, H, M] how many of ``col_idx`` a query block can see (columns ``<=`` its last row).
         blk_idx: [B, H, M, K] key blocks ascending, then padding; ``blk_cnt``: [B, H, M]. K may be 0.
+        choice: [B, H] int64 or None: the pattern each adaptive head chose for each sample
+            (:data:`sparse_prefill.adaptive.CHOICES`), -1 for heads with a fixed pattern; None without adaptive heads.
+            Metadata for reports: the backends read only the fields above.
     """
 
     q_len: int
@@ -66,6 +69,7 @@ class SparseIndex:
     col_row_cnt: torch.Tensor
     blk_idx: torch.Tensor
     blk_cnt: torch.Tensor
+    choice: torch.Tensor | None = None
 
     def clone(self) -> SparseIndex:
         tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import weakref
 from importlib import resources
@@ -11,13 +12,14 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import ATTN_NAME, LAYERS, LayerRecord, LayerState, PatchState, sparse_prefill_attention
-from .config import ConfigError, HeadSpec, ModelInfo, SparseConfig, check_min_seq_len, load_config
+from .config import ConfigError, HeadSpec, ModelInfo, SparseConfig, check_min_seq_len, check_unit, load_config
 from .devices import DENSE_BACKENDS, load_flash_attn
 from .estimate import LayerPlan
 from .parallel import head_shard
 from .patches import adapter_for
 
 BACKENDS = ("auto", "triton", "torch")
+MODES = ("config", "adaptive")
 
 # model -> (implementation it had before the first patch, its PatchState).
 _PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -69,6 +71,9 @@ def patch_model(
     model,
     config: str | Path | dict | SparseConfig | None = None,
     *,
+    mode: str = "config",
+    gamma: float | None = None,
+    tau: float | None = None,
     min_seq_len: int | str | None = None,
     backend: str = "auto",
     dense_backend: str = "auto",
@@ -80,7 +85,14 @@ def patch_model(
         model: a transformers causal LM of a supported type (``llama``, ``qwen2``).
         config: a JSON path, a dict in the same schema, a :class:`SparseConfig`, or None: the shipped config made for
             this model if there is one, else vertical-slash on every head at MInference's budgets
-            (1000 columns, 6096 diagonals, 64 estimation queries).
+            (1000 columns, 6096 diagonals, 64 estimation queries). Must be None with ``mode="adaptive"``.
+        mode: ``"config"`` (the patterns of ``config``) or ``"adaptive"``: no config, every head adaptive
+            (:mod:`sparse_prefill.adaptive`: each call chooses vertical-slash, query-aware block-sparse or dense per
+            sample and head, with budgets set by attention mass), so any supported model works without calibration.
+        gamma: the attention mass adaptive heads' sets must reach, in (0, 1] (default 0.9). Overrides the config's
+            value on every adaptive head; an error if there is none.
+        tau: adaptive heads go query-aware block-sparse when sqrt(JS) of the pooled estimate is below it, in [0, 1]
+            (default 0.1; 0 = never). Overrides like ``gamma``.
         min_seq_len: prompts with fewer keys than this run dense. None: the config's ``min_seq_len``, whose
             default ``"auto"`` is the crossover measured for the call's device class and head_dim
             (``sparse_prefill.devices.MIN_SEQ_LEN``; 65536 where nothing was measured, the CPU included).
@@ -94,9 +106,10 @@ def patch_model(
     Returns:
         The config in use.
     Raises:
-        ConfigError: the config is invalid or made for another shape. UnsupportedModelError: unknown model type.
-        ValueError: a tensor-parallel split that does not map to whole heads. ImportError:
-        ``dense_backend="flash_attn"`` without flash-attn. In every case the model is left as it was.
+        ValueError: a bad argument, named in the message (ConfigError for a bad gamma or tau), or a tensor-parallel
+        split that does not map to whole heads. ConfigError: the config is invalid or made for another shape.
+        UnsupportedModelError: unknown model type. ImportError: ``dense_backend="flash_attn"`` without flash-attn.
+        In every case the model is left as it was.
 
     Decode steps (one query) always take the stock SDPA path. Patching again replaces the config; ``unpatch_model``
     restores the implementation the model had before the first patch.
@@ -107,15 +120,27 @@ def patch_model(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
+    if mode == "adaptive" and config is not None:
+        raise ValueError(
+            "config: must be None with mode='adaptive' (every head is adaptive); for a config with "
+            "adaptive heads use mode='config'"
+        )
     if min_seq_len is not None:
         check_min_seq_len(min_seq_len, "min_seq_len")
     if dense_backend not in DENSE_BACKENDS:
         raise ValueError(f"dense_backend: must be one of {DENSE_BACKENDS}, got {dense_backend!r}")
     if dense_backend == "flash_attn":
         load_flash_attn()
+    overrides = {name: check_unit(v, name, name) for name, v in (("gamma", gamma), ("tau", tau)) if v is not None}
     adapter = adapter_for(model, force)
     info = adapter.model_info(model)
-    cfg = resolve_config(config, info)
+    if mode == "adaptive":
+        cfg = SparseConfig.uniform(info, "adaptive", **overrides)
+        cfg.provenance = {"tool": "patch_model(mode='adaptive')"}
+    else:
+        cfg = with_adaptive_params(resolve_config(config, info), overrides)
     cfg.check_model(info)
     modules = adapter.attention_modules(model)
     dense_layers = adapter.dense_layers(model)
@@ -142,6 +167,19 @@ def patch_model(
     return cfg
 
 
+def with_adaptive_params(config: SparseConfig, params: dict) -> SparseConfig:
+    """``config`` with ``params`` set on every adaptive head (the config itself if ``params`` is empty)."""
+    if not params:
+        return config
+    if not any(h.pattern == "adaptive" for heads in config.layers for h in heads):
+        raise ValueError(f"{next(iter(params))}: the config has no adaptive heads to apply it to")
+    layers = [
+        [HeadSpec(h.pattern, {**h.params, **params}) if h.pattern == "adaptive" else h for h in heads]
+        for heads in config.layers
+    ]
+    return dataclasses.replace(config, layers=layers)
+
+
 def _drop_layers(model) -> None:
     for module in _PATCHED[model][2]:
         LAYERS.pop(module, None)
@@ -162,7 +200,8 @@ def is_patched(model) -> bool:
 
 
 def last_report(model) -> list[LayerRecord]:
-    """Per layer, what its last prefill call did: path ("sparse" / "dense"), why, patterns and tile density.
+    """Per layer, what its last prefill call did: path ("sparse" / "dense"), why, the pattern each head ran
+    (``adaptive:<pattern>`` for adaptive heads, per sample in ``choices``) and tile density.
 
     ``heads`` are the global ids of the heads this process ran (all of them unless the model is tensor-parallel; then
     :func:`sparse_prefill.parallel.gather_report` collects every rank's)."""

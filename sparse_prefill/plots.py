@@ -8,13 +8,19 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 
 from .config import PATTERN_DEFAULTS, HeadSpec, SparseConfig
 
 matplotlib.use("Agg")  # files only; no display needed (and none on servers)
 
-PATTERN_COLOURS = {"dense": "#9e9e9e", "a_shape": "#4c9be8", "vertical_slash": "#f28e2b", "block_sparse": "#59a14f"}
+PATTERN_COLOURS = {
+    "dense": "#9e9e9e",
+    "a_shape": "#4c9be8",
+    "vertical_slash": "#f28e2b",
+    "block_sparse": "#59a14f",
+    "adaptive": "#b07aa1",
+}
 SHORT = {"sink": "s", "local": "l", "vertical": "v", "slash": "d", "top_k": "k"}
 
 
@@ -48,7 +54,13 @@ def needle_heatmap(depths: list[float], lengths: list[int], grids: dict[str, lis
     plt.close(fig)
 
 
-def pattern_map(config: SparseConfig, path: str | Path, density: list[list[float]] | None = None, title: str = ""):
+def pattern_map(
+    config: SparseConfig,
+    path: str | Path,
+    density: list[list[float]] | None = None,
+    title: str = "",
+    chosen: list[list[str]] | None = None,
+):
     """The config's pattern per (layer, head) as colour, with the measured density (or else the budgets) as text.
 
     Args:
@@ -56,9 +68,13 @@ def pattern_map(config: SparseConfig, path: str | Path, density: list[list[float
         path: PNG file to write.
         density: optional [num_layers][num_heads] achieved tile density in [0, 1].
         title: figure title.
+        chosen: optional [num_layers][num_heads] pattern that ran (``adaptive:<pattern>`` for adaptive heads, which
+            are then coloured by their choice and drawn hatched); else the config's patterns.
     """
     names = list(PATTERN_DEFAULTS)
-    codes = np.array([[names.index(h.pattern) for h in layer] for layer in config.layers])
+    ran = chosen or [[h.pattern for h in layer] for layer in config.layers]
+    base = [[p.removeprefix("adaptive:") for p in layer] for layer in ran]
+    codes = np.array([[names.index(p) for p in layer] for layer in base])
     n_layers, n_heads = codes.shape
     fig, ax = plt.subplots(figsize=(2.5 + 0.9 * n_heads, 1.2 + 0.28 * n_layers), constrained_layout=True)
     ax.imshow(
@@ -68,15 +84,20 @@ def pattern_map(config: SparseConfig, path: str | Path, density: list[list[float
         spec = config.layers[layer][head]
         text = f"{density[layer][head]:.2f}" if density is not None else _budgets(spec)
         ax.text(head, layer, text, ha="center", va="center", fontsize=6)
+        if ran[layer][head].startswith("adaptive:"):
+            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, hatch="///", lw=0, alpha=0.35))
     ax.set_xticks(range(n_heads))
     ax.set_yticks(range(n_layers))
     ax.tick_params(labelsize=7)
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
-    used = sorted({h.pattern for layer in config.layers for h in layer}, key=names.index)
+    used = sorted({p for layer in ran for p in layer}, key=lambda p: (names.index(p.removeprefix("adaptive:")), p))
     ax.legend(
-        handles=[Patch(color=PATTERN_COLOURS[n], label=n) for n in used],
+        handles=[
+            Patch(facecolor=PATTERN_COLOURS[n.removeprefix("adaptive:")], hatch="///" if ":" in n else None, label=n)
+            for n in used
+        ],
         loc="upper left",
         bbox_to_anchor=(1.01, 1),
         fontsize=7,

@@ -73,3 +73,7 @@ def pytest_terminal_summary(terminalreporter):
     fuzz = sys.modules.get("test_fuzz")
     if fuzz is not None and fuzz.CASES["n"]:
         terminalreporter.write_line(f"hypothesis: {fuzz.CASES['n']} random layers matched the reference")
+    if fuzz is not None and fuzz.CASES["adaptive"]:
+        terminalreporter.write_line(
+            f"hypothesis: {fuzz.CASES['adaptive']} random adaptive layers chose as the loop reference does"
+        )

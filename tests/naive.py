@@ -106,3 +106,84 @@ def block_mass(slash, q_len: int, kv_len: int, start: int) -> dict[int, float]:
             d = base - (p - o) // BLOCK
             mass[d] = mass.get(d, 0.0) + float(slash[o]) / BLOCK
     return mass
+
+
+def cover_set(mass: dict, forced: set, gamma: float) -> list:
+    """Forced entries, then the heaviest others one at a time while the kept mass is below gamma × the total (an
+    entry of mass 0 adds nothing, so it is never taken)."""
+    total = sum(mass.values())
+    kept, acc = [], 0.0
+    for i in sorted(forced, key=lambda i: -mass.get(i, 0.0)) + sorted(set(mass) - forced, key=lambda i: -mass[i]):
+        if i in forced or (acc < gamma * total and mass[i] > 0):
+            kept.append(i)
+            acc += mass.get(i, 0.0)
+    return kept
+
+
+def adaptive_head(q, k, b, h, spec, scale, start):
+    """The adaptive rule for one (sample, head), written out with loops in float64.
+
+    Returns a dict: choice, js, vs_density, bs_density (inf when a row needs more than max_blocks), and the sets of
+    the choice: cols (local columns), diags (block diagonals), rows (per valid query block, its key blocks).
+    """
+    import math
+
+    p = spec.params
+    Sq, Sk = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    first_row, first_pos = frame(Sq, Sk, start)
+    length = Sk - start
+    nb = -(-length // BLOCK)
+    n = -(-Sk // BLOCK)
+    mb = -(-(Sq - first_row) // BLOCK)
+    base = [min((first_pos + m * BLOCK + BLOCK - 1) // BLOCK, nb - 1) for m in range(mb)]
+    last_row = [first_pos + m * BLOCK + BLOCK - 1 for m in range(mb)]
+    causal = sum(x + 1 for x in base)
+    nearest = max(1, p["force_slash"])
+
+    # Vertical-slash sets and their tile estimate.
+    vertical, slash = vertical_slash_scores(q, k, h, b, p["last_q"], scale, start)
+    cols = cover_set(
+        {c: float(vertical[c]) for c in range(length)}, set(range(min(p["force_vertical"], length))), p["gamma"]
+    )
+    dmass = {d: m for d, m in block_mass(slash, Sq, Sk, start).items() if 0 <= d < nb}
+    forced = {d for d in slash_block_diagonals(range(nearest), Sq, Sk, start) if 0 <= d < n}
+    diags = cover_set(dmass, forced, p["gamma"])
+    tiles = sum(sum(1 for x in base if x >= d) for d in diags if d < nb)
+    tiles += sum(sum(1 for r in last_row if r >= c) for c in cols) / BLOCK
+    vs_density = tiles / causal
+
+    # Query-aware test: true block attention of the last queries against their mean query's pooled estimate.
+    true = [float(vertical[j * BLOCK : (j + 1) * BLOCK].sum()) for j in range(nb)]
+    true = [x / sum(true) for x in true]
+    window = [r for r in range(Sq - min(p["last_q"], Sq), Sq) if r >= first_row]
+    q_mean = q[b, h, window].double().mean(0)
+    keys = k[b, h // group, start:].double()
+    pooled = [keys[j * BLOCK : (j + 1) * BLOCK].mean(0) for j in range(nb)]
+    est = torch.softmax(torch.stack([q_mean @ pk for pk in pooled]) * scale, 0).tolist()
+
+    def kl(a, m):
+        return sum(x * math.log(x / y) for x, y in zip(a, m) if x > 0)
+
+    mid = [(x + y) / 2 for x, y in zip(true, est)]
+    js = math.sqrt(max(0.0, (kl(true, mid) + kl(est, mid)) / 2))
+
+    # Query-aware sets: per query block, its pooled query against the pooled keys of its causal blocks.
+    rows, fits = [], True
+    limit = spec.budget("max_blocks", n)
+    queries = q[b, h, first_row:].double()
+    for m in range(mb):
+        pq = queries[m * BLOCK : (m + 1) * BLOCK].mean(0)
+        top = (first_pos + m * BLOCK + BLOCK - 1) // BLOCK
+        visible = [j for j in range(nb) if j <= top]
+        probs = torch.softmax(torch.stack([pq @ pooled[j] for j in visible]) * scale, 0).tolist()
+        lo = max(0, first_pos + m * BLOCK - nearest + 1) // BLOCK
+        sinks = -(-p["force_vertical"] // BLOCK)
+        forced = {j for j in visible if j >= lo or j < sinks}
+        rows.append(cover_set(dict(zip(visible, probs)), forced, p["gamma"]))
+        fits &= len(rows[-1]) <= limit
+    block_sparse = js < p["tau"] and fits
+    bs_density = sum(map(len, rows)) / causal if block_sparse else math.inf
+    density = bs_density if block_sparse else vs_density
+    choice = "dense" if density >= p["dense_above"] else "block_sparse" if block_sparse else "vertical_slash"
+    return dict(choice=choice, js=js, vs_density=vs_density, bs_density=bs_density, cols=cols, diags=diags, rows=rows)

@@ -92,6 +92,24 @@ BAD = [
     (("defaults", "a_shape", "sink"), 0, "defaults.a_shape.sink: must be a positive integer"),
     (("defaults", "spiral"), {}, "defaults.spiral: unknown pattern 'spiral'"),
     (("provenance",), [], "provenance: must be an object"),
+    (("layers", 0, 3), {"pattern": "adaptive", "gamma": 0}, "layers[0][3].gamma: must be a number in (0, 1], got 0"),
+    (
+        ("layers", 0, 3),
+        {"pattern": "adaptive", "gamma": 1.5},
+        "layers[0][3].gamma: must be a number in (0, 1], got 1.5",
+    ),
+    (("layers", 0, 3), {"pattern": "adaptive", "gamma": "0.9"}, "layers[0][3].gamma: must be a number in (0, 1]"),
+    (("layers", 0, 3), {"pattern": "adaptive", "tau": -0.1}, "layers[0][3].tau: must be a number in [0, 1], got -0.1"),
+    (("layers", 0, 3), {"pattern": "adaptive", "tau": True}, "layers[0][3].tau: must be a number in [0, 1], got True"),
+    (
+        ("layers", 0, 3),
+        {"pattern": "adaptive", "dense_above": 0.0},
+        "layers[0][3].dense_above: must be a number in (0, 1]",
+    ),
+    (("layers", 0, 3), {"pattern": "adaptive", "max_blocks": 0}, "layers[0][3].max_blocks: must be a positive integer"),
+    (("layers", 0, 3), {"pattern": "adaptive", "last_q": 0}, "layers[0][3].last_q: must be a positive integer"),
+    (("layers", 0, 3), {"pattern": "adaptive", "top_k": 3}, "layers[0][3].top_k: unknown parameter for adaptive"),
+    (("defaults", "adaptive"), {"gamma": float("nan")}, "defaults.adaptive.gamma: must be a number in (0, 1], got nan"),
 ]
 
 
@@ -117,3 +135,17 @@ def test_shape_mismatch(field, value):
     other = ModelInfo(**{**vars(INFO), field: value})
     with pytest.raises(ConfigError, match=f"model.{field}: config was made for"):
         SparseConfig.from_dict(good()).check_model(other)
+
+
+def test_adaptive_heads_round_trip_with_float_thresholds(tmp_path):
+    raw = good()
+    raw["layers"][1][0] = {"pattern": "adaptive", "gamma": 1, "tau": 0, "max_blocks": 0.5}
+    raw["defaults"]["adaptive"] = {"dense_above": 0.75}
+    config = SparseConfig.from_dict(raw)
+    head = config.layers[1][0]
+    assert head.params["gamma"] == 1.0 and isinstance(head.params["gamma"], float)  # JSON's 1 read as a number
+    assert head.params["tau"] == 0.0 and head.params["dense_above"] == 0.75 and head.params["last_q"] == 64
+    assert head.budget("max_blocks", 40) == 20
+    save_config(config, tmp_path / "c.json")
+    assert load_config(tmp_path / "c.json") == config
+    assert SparseConfig.uniform(INFO, "adaptive", gamma=0.95).layers[0][0].params["gamma"] == 0.95

@@ -138,6 +138,12 @@ def _fails(argv, capsys, argument):
         (["--config", "{tmp}/missing.json"], "--config"),
         (["--config", "uniform-bogus", "--model", "{llama}"], "--config"),
         (["--model", "{tmp}/no-such-model"], "--model"),
+        (["--mode", "adaptive", "--config", "uniform-vs"], "--mode"),
+        (["--mode", "flex"], "--mode"),
+        (["--mode", "adaptive", "--gamma", "1.5"], "--gamma"),
+        (["--mode", "adaptive", "--tau", "x"], "--tau"),
+        (["--gamma", "0.9"], "--gamma"),
+        (["--tau", "0.2", "--config", "uniform-vs", "--model", "{llama}"], "--tau"),
     ],
 )
 def test_bad_arguments_exit_2_and_write_nothing(args, argument, tmp_path, capsys, request):
@@ -230,3 +236,20 @@ def test_end_to_end_tiny_model(tiny_llama, tmp_path, capsys):
     assert "## Accuracy (dense / patched)" in summary
     for row in ("| task | 512 | 1k |", "| niah |", "| kv |", "| cwe |", "| 1k | 4 |"):
         assert row in summary
+
+
+def test_adaptive_mode_reports_the_patterns_it_ran(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_llama), "--mode", "adaptive", "--gamma", "1", "--tasks", "niah", "--lengths", "512"]
+    assert main(argv + ["--depths", "0.5", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["config"]["source"] == "patch_model(mode='adaptive')"
+    assert results["meta"]["config"]["patterns"] == {"adaptive": 8}
+    (record,) = results["samples"]
+    assert len(record["patterns"]) == 2 and all(
+        p.startswith("adaptive:") for layer in record["patterns"] for p in layer
+    )
+    run = results["summary"]["per_length"]["512"]["patterns_run"]
+    assert sum(run.values()) == 8 and all(p.startswith("adaptive:") for p in run)
+    assert record["top1"] == 1.0  # gamma 1 keeps every key with attention mass
+    assert "Patterns run" in (out / "summary.md").read_text()

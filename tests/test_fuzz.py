@@ -1,21 +1,23 @@
-"""Hypothesis: random shapes, patterns and budgets; the blockwise path always equals the explicit-mask reference."""
+"""Hypothesis: random shapes, patterns and budgets; the blockwise path always equals the explicit-mask reference, and
+adaptive heads always choose what the loop reference of their rule chooses."""
 
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from naive import mask_from_sets
+from test_adaptive import check_against_loops
 
 from conftest import assert_close, spec
 from sparse_prefill.estimate import build_index
 from sparse_prefill.index import token_mask
 from sparse_prefill.reference import attention_ref, sparse_attention_torch
 
-CASES = {"n": 0}
+CASES = {"n": 0, "adaptive": 0}
 
 
 @st.composite
 def head_specs(draw):
-    pattern = draw(st.sampled_from(["dense", "a_shape", "vertical_slash", "block_sparse"]))
+    pattern = draw(st.sampled_from(["dense", "a_shape", "vertical_slash", "block_sparse", "adaptive"]))
     budget = st.one_of(st.integers(1, 300), st.floats(0.01, 0.99))
     if pattern == "a_shape":
         return spec(pattern, sink=draw(budget), local=draw(budget))
@@ -32,7 +34,24 @@ def head_specs(draw):
         )
     if pattern == "block_sparse":
         return spec(pattern, top_k=draw(budget))
+    if pattern == "adaptive":
+        return adaptive_spec(draw)
     return spec(pattern)
+
+
+def adaptive_spec(draw):
+    """An adaptive head with random thresholds and budgets (small minimums, so short inputs can go sparse)."""
+    unit = st.floats(0.0, 1.0)
+    return spec(
+        "adaptive",
+        gamma=draw(st.one_of(st.just(1.0), st.floats(0.05, 1.0))),
+        tau=draw(unit),
+        dense_above=draw(st.one_of(st.just(1.0), st.floats(0.05, 1.0))),
+        last_q=draw(st.integers(1, 200)),  # past 64, short samples put padding rows in the window
+        force_vertical=draw(st.integers(0, 70)),
+        force_slash=draw(st.integers(0, 70)),
+        max_blocks=draw(st.one_of(st.integers(1, 5), st.floats(0.05, 0.99))),
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -58,3 +77,24 @@ def test_random_layers_match_the_reference(kv_heads, group, kv_len, chunk, pads,
         assert torch.equal(mask, mask_from_sets(index))
     assert_close(sparse_attention_torch(q, k, v, index, 0.35), attention_ref(q, k, v, mask, 0.35), 1e-5, 1e-5)
     CASES["n"] += 1
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 3]),
+    kv_len=st.integers(1, 300),
+    chunk=st.floats(0.05, 1.0),
+    pads=st.lists(st.integers(0, 120), min_size=1, max_size=2),
+    sharpness=st.floats(0.1, 4.0),
+    data=st.data(),
+)
+def test_adaptive_heads_follow_the_loop_reference(kv_heads, group, kv_len, chunk, pads, sharpness, data):
+    q_len = max(1, round(chunk * kv_len))
+    starts = [min(p, kv_len - 1) for p in pads]
+    heads = [adaptive_spec(data.draw) for _ in range(kv_heads * group)]
+    g = torch.Generator().manual_seed(CASES["adaptive"] * 1000 + kv_len)
+    q = torch.randn(len(starts), len(heads), q_len, 8, generator=g) * sharpness
+    k = torch.randn(len(starts), kv_heads, kv_len, 8, generator=g)
+    check_against_loops(q, k, heads, 0.35, starts)
+    CASES["adaptive"] += 1

@@ -164,6 +164,107 @@ def test_default_config_without_a_shipped_one():
     assert {s.pattern for heads in config.layers for s in heads} == {"vertical_slash"}
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_adaptive_mode_needs_no_config(kind):
+    model = tiny_model(kind)
+    dense = logits(model, IDS)
+    config = patch_model(model, mode="adaptive", gamma=0.6, min_seq_len=0)
+    assert {s.pattern for heads in config.layers for s in heads} == {"adaptive"}
+    assert {s.params["gamma"] for heads in config.layers for s in heads} == {0.6}
+    sparse = logits(model, IDS)
+    records = last_report(model)
+    assert {r.path for r in records} == {"sparse"}
+    assert all(p.startswith("adaptive:") for r in records for p in r.patterns)
+    assert all(len(r.choices) == 1 and len(r.choices[0]) == 4 for r in records)
+    assert_close(sparse, dense, 1e-4, 1e-4)  # 300 tokens: the default minimum budget is most of the causal area
+    # Random weights attend nearly uniformly (diffuse heads); a small gamma and minimum budget, and no dense switch,
+    # make them sparse: block-sparse where the pooled estimate is close enough (tau), else vertical-slash.
+    for tau, ran in ((0.0, "adaptive:vertical_slash"), (0.5, "adaptive:block_sparse")):
+        patch_model(
+            model,
+            config_for(
+                model,
+                pattern="adaptive",
+                gamma=0.3,
+                tau=tau,
+                dense_above=1.0,
+                max_blocks=5,
+                force_vertical=4,
+                force_slash=16,
+            ),
+        )
+        sparse = logits(model, IDS)
+        assert {p for r in last_report(model) for p in r.patterns} == {ran}
+        assert not torch.equal(sparse, dense)
+        assert all(d < 0.95 for r in last_report(model) for d in r.density[0])
+    # gamma 1 keeps every key with attention mass: dense, whatever pattern each head picks.
+    patch_model(model, mode="adaptive", gamma=1.0, tau=0.3, min_seq_len=0)
+    assert_close(logits(model, IDS), dense, 1e-4, 1e-4)
+
+
+def test_config_with_adaptive_heads_and_overrides():
+    model = tiny_model()
+    info = adapter_for(model).model_info(model)
+    raw = SparseConfig.uniform(info, min_seq_len=0, **SPARSE).to_dict()
+    raw["layers"][1][2] = {"pattern": "adaptive", "tau": 0.0}
+    config = patch_model(model, raw, gamma=0.7)
+    assert config.layers[1][2].params["gamma"] == 0.7 and config.layers[1][2].params["tau"] == 0.0
+    assert config.layers[1][1].pattern == "vertical_slash"
+    logits(model, IDS)
+    patterns = last_report(model)[1].patterns
+    assert patterns[:2] == ["vertical_slash"] * 2 and patterns[3] == "vertical_slash"
+    assert patterns[2] in ("adaptive:vertical_slash", "adaptive:dense")  # tau 0: never block-sparse
+    assert last_report(model)[0].choices == [["vertical_slash"] * 4]
+
+
+def test_adaptive_left_padding_and_chunked_prefill_equal_single_runs():
+    model = tiny_model()
+    heads = dict(
+        pattern="adaptive", gamma=0.3, tau=0.16, dense_above=1.0, max_blocks=5, force_vertical=4, force_slash=16
+    )
+    patch_model(model, config_for(model, **heads))
+    a, b = IDS[:, :300], IDS[:, 50:250]
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 100, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :100] = 0
+    batched = logits(model, ids, attention_mask=mask)
+    choices = [r.choices for r in last_report(model)]
+    assert_close(batched[0], logits(model, a)[0], 1e-4, 1e-4)
+    assert [r.choices[0] for r in last_report(model)] == [c[0] for c in choices]
+    assert_close(batched[1, 100:], logits(model, b)[0], 1e-4, 1e-4)
+    assert [r.choices[0] for r in last_report(model)] == [c[1] for c in choices]
+    # Chunked prefill: the second chunk's queries choose from the whole cache; gamma 1 keeps every key with mass, so
+    # both chunks equal dense. (The split is block-aligned: with an unaligned one, the all-diagonals "dense" of the
+    # index format misses key block 0 for the last, partial query block, for static dense heads as well.)
+    patch_model(model, mode="adaptive", gamma=1.0, min_seq_len=0)
+    cache = DynamicCache(config=model.config)
+    first = logits(model, IDS[:, :192], past_key_values=cache, use_cache=True)
+    second = logits(model, IDS[:, 192:], past_key_values=cache, use_cache=True)
+    assert (last_report(model)[0].q_len, last_report(model)[0].kv_len) == (108, 300)
+    unpatch_model(model)
+    assert_close(torch.cat([first, second], 1), logits(model, IDS), 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="adaptive", gamma=0.0), "gamma: must be a number in (0, 1], got 0.0"),
+        (dict(mode="adaptive", gamma=1.01), "gamma: must be a number in (0, 1], got 1.01"),
+        (dict(mode="adaptive", tau=-1), "tau: must be a number in [0, 1], got -1"),
+        (dict(mode="adaptive", tau="0.1"), "tau: must be a number in [0, 1]"),
+        (dict(mode="flex"), "mode: must be one of ('config', 'adaptive'), got 'flex'"),
+        (dict(mode="adaptive", config={"format": "sparse_prefill/1"}), "config: must be None with mode='adaptive'"),
+        (dict(gamma=0.9), "gamma: the config has no adaptive heads to apply it to"),
+    ],
+)
+def test_bad_adaptive_arguments_leave_the_model_unpatched(kwargs, message):
+    model = tiny_model()
+    with pytest.raises(ValueError) as e:
+        patch_model(model, **kwargs)
+    assert message in str(e.value)
+    assert model.config._attn_implementation == "sdpa" and not is_patched(model)
+
+
 @pytest.mark.slow
 def test_smollm2_full_budget_generates_the_dense_tokens(smollm2, passkey):
     model, tok = smollm2

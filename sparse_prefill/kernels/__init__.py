@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 try:
+    from .cover_rows import cover_rows_triton
     from .sparse_attention import sparse_attention_triton, supports
     from .vs_scores import scores_supported, vertical_slash_scores_triton
 except ImportError as err:  # no triton on this platform
     _reason = f"triton unavailable: {err}"
+    cover_rows_triton = None  # callers fall back to torch
 
     def supports(q, k) -> str | None:
         return _reason
@@ -20,4 +22,10 @@ except ImportError as err:  # no triton on this platform
     vertical_slash_scores_triton = sparse_attention_triton
 
 
-__all__ = ["scores_supported", "sparse_attention_triton", "supports", "vertical_slash_scores_triton"]
+__all__ = [
+    "cover_rows_triton",
+    "scores_supported",
+    "sparse_attention_triton",
+    "supports",
+    "vertical_slash_scores_triton",
+]

@@ -1,0 +1,133 @@
+"""Compare sparse-prefill-eval runs made on the same prompts: one markdown table per aspect, plus the numbers as JSON.
+
+    python scripts/compare_evals.py calibrated=out/calibrated_4k adaptive=out/adaptive_4k --out out/summary.md
+
+Each run folder holds the ``results.json`` of ``sparse-prefill-eval``. Every run carries its own dense baseline on
+the same prompts (same seed, tasks and lengths), so the dense column comes from the first run that has the length, and
+the script says whether the other runs' dense answers agree with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def load(spec: str) -> tuple[str, dict]:
+    name, _, folder = spec.partition("=")
+    if not folder:
+        raise SystemExit(f"compare_evals: expected name=folder, got {spec!r}")
+    return name, json.loads((Path(folder) / "results.json").read_text())
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _f(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _row(cells: list) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def compare(runs: list[tuple[str, dict]]) -> tuple[str, dict]:
+    """(markdown, numbers) for runs [(name, results.json)]."""
+    names = [name for name, _ in runs]
+    lengths = sorted({n for _, r in runs for n in r["meta"]["lengths"]})
+    first = runs[0][1]["meta"]
+    lines = [
+        f"# Adaptive vs calibrated vs dense: {first['model']}",
+        "",
+        f"`sparse-prefill-eval` runs ({', '.join(names)}) on the same generated prompts (seed {first['seed']}); "
+        f"{first['device']} {first['dtype']}, {first['threads']} torch thread(s), torch {first['versions']['torch']}, "
+        f"transformers {first['versions']['transformers']}. Each run's folder has its full summary.md, results.json "
+        "and figures. Dense = the same model unpatched on the same prompts.",
+        "",
+        "Runs:",
+        "",
+    ]
+    for name, r in runs:
+        m = r["meta"]
+        lines.append(
+            f"- **{name}**: config {m['config']['source']}; lengths {', '.join(map(_k, m['lengths']))}; tasks "
+            f"{', '.join(m['tasks'])}; needle depths {m['depths']}"
+        )
+    numbers: dict = {"runs": names, "lengths": {}}
+    lines += ["", "## Accuracy (score per task: dense, then each run patched)", ""]
+    lines += [_row(["length", "task", "dense", *names]), "|" + "---|" * (3 + len(names))]
+    for n in lengths:
+        having = [(name, r) for name, r in runs if n in r["meta"]["lengths"]]
+        tasks = list(dict.fromkeys(t for _, r in having for t in r["summary"]["accuracy"]))
+        per = numbers["lengths"].setdefault(str(n), {"accuracy": {}, "fidelity": {}})
+        for task in tasks:
+            cells = {name: r["summary"]["accuracy"].get(task, {}).get(str(n)) for name, r in having}
+            dense = next(c["dense"] for c in cells.values() if c)
+            agree = all(c is None or c["dense"] == dense for c in cells.values())
+            per["accuracy"][task] = {"dense": dense, **{k: c and c["patched"] for k, c in cells.items()}}
+            lines.append(
+                _row(
+                    [
+                        _k(n),
+                        task,
+                        _f(dense) + ("" if agree else " (runs differ)"),
+                        *(_f(cells[k]["patched"]) if cells.get(k) else "-" for k in names),
+                    ]
+                )
+            )
+    lines += [
+        "",
+        "## Fidelity and density",
+        "",
+        "Top-1 agreement and KL(dense ‖ patched) over the dense answer (teacher-forced); attention error: relative L2 "
+        "of each layer's attention output against dense, mean over layers (worst layer); density: computed 64×64 "
+        "tiles over causal tiles, mean over samples, layers and heads; patterns run: per sample, layer and head "
+        "(adaptive heads choose per input).",
+        "",
+        _row(
+            ["length", "run", "samples", "top-1", "KL (nats)", "attn rel. err (worst layer)", "density", "patterns run"]
+        ),
+        "|" + "---|" * 8,
+    ]
+    for n in lengths:
+        for name, r in runs:
+            p = r["summary"]["per_length"].get(str(n))
+            if p is None:
+                continue
+            numbers["lengths"][str(n)]["fidelity"][name] = {
+                k: p.get(k) for k in ("samples", "top1", "kl", "attn_rel_err", "density", "patterns_run")
+            }
+            run = ", ".join(f"{k} {v}" for k, v in (p.get("patterns_run") or {}).items())
+            lines.append(
+                _row(
+                    [
+                        _k(n),
+                        name,
+                        p["samples"],
+                        _f(p["top1"]),
+                        _f(p["kl"], 4),
+                        f"{_f(p['attn_rel_err'], 4)} ({_f(max(p['layer_attn_rel_err']), 4)})",
+                        _f(p["density"]),
+                        run,
+                    ]
+                )
+            )
+    return "\n".join(lines) + "\n", numbers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="name=folder of a sparse-prefill-eval run, in column order")
+    parser.add_argument("--out", type=Path, required=True, help="markdown file; the numbers go next to it as .json")
+    args = parser.parse_args(argv)
+    markdown, numbers = compare([load(spec) for spec in args.runs])
+    args.out.write_text(markdown)
+    args.out.with_suffix(".json").write_text(json.dumps(numbers, indent=1) + "\n")
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,323 @@
+"""Adaptive heads: each call picks a pattern and budgets for every (sample, head) from the input itself.
+
+A head whose config entry is ``{"pattern": "adaptive"}`` has no fixed pattern or budget (FlexPrefill's rule, in this
+package's index format). On every prefill call, for each sample and head:
+
+1. **Estimate.** The last ``last_q`` queries' exact causal softmax over all keys, summed per key column (vertical
+   scores ``v``) and per diagonal offset (slash scores ``s``):
+   :func:`~sparse_prefill.estimate.vertical_slash_scores`, the estimate static vertical-slash heads use.
+2. **Query-aware test.** ``a`` = the vertical scores summed per key block and normalised: where those queries really
+   attend, per block. ``â`` = softmax over key blocks of (their mean query) · (each key block's mean key) × scale:
+   what pooled q·k predicts. If ``sqrt(JS(a, â)) < tau`` (Jensen–Shannon divergence with natural logs, so it lies in
+   [0, sqrt(ln 2)] ≈ [0, 0.83]), pooled q·k can be trusted: the head is *query-aware block-sparse*; otherwise
+   *vertical-slash*. ``tau = 0`` never picks block-sparse.
+3. **Budgets: the fewest entries, after a forced minimum, whose estimated mass reaches ``gamma``.** Entries are ranked
+   forced first, then by mass; the set is the shortest prefix whose mass (forced ones included) reaches ``gamma`` ×
+   the total (:func:`cover`).
+
+   * vertical-slash: single key columns ranked by ``v``, and block diagonals ranked by the share of ``s`` they cover
+     (:func:`~sparse_prefill.estimate.block_diagonal_mass`: the kernel computes slashes as whole block diagonals),
+     each to ``gamma`` of its own total. Forced: the first ``force_vertical`` columns (attention sinks) and the block
+     diagonals of the ``max(1, force_slash)`` nearest offsets (the local window, and always the own diagonal block).
+   * block-sparse: per query block, key blocks ranked by the softmax of pooled q·k over its causal key blocks.
+     Forced: the blocks of the first ``force_vertical`` keys and of the ``max(1, force_slash)`` keys nearest to
+     the block's rows (so its own diagonal blocks). A row may keep at most ``max_blocks`` key blocks (this sizes the
+     index); a head with a row that needs more is not query-aware and takes vertical-slash.
+4. **Dense.** If the chosen sets' estimated tile density reaches ``dense_above``, the head is diffuse: it runs
+   dense (every block diagonal). The estimate counts whole tiles exactly; each column as 1/BLOCK of a tile per query
+   block that sees it (an upper bound: columns inside chosen diagonal blocks count again).
+
+The result feeds the same index as static heads (:func:`~sparse_prefill.index.make_index`): a vertical-slash choice
+fills ``cols`` and ``diag``, a block-sparse choice ``blocks``, a dense choice every diagonal, and the other fields of
+that (sample, head) stay empty. So every backend (Triton kernel, blockwise torch, fp32 reference) runs adaptive heads
+unchanged.
+
+Everything is batched torch on the device of q/k with no host synchronisation: budgets that differ per (sample, head,
+row) are masks over one ranking (``topk`` + ``cumsum``), never ``.item()``. Memory follows the static estimators:
+the last queries' probabilities one KV head run at a time (inside ``vertical_slash_scores``), pooled block scores
+[heads of a KV-head run, M, N] one sample at a time, and [B, h, Sk] for the column ranking; no S×S buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import HeadSpec
+from .estimate import _kv_chunks, _mean_pool, block_diagonal_mass, const, vertical_slash_scores
+from .kernels import cover_rows_triton
+from .index import BLOCK, block_bases, cdiv, cdiv_tensor, query_offsets, slash_diagonals
+
+CHOICES = ("vertical_slash", "block_sparse", "dense")  # codes of AdaptiveSets.choice
+VERTICAL_SLASH, BLOCK_SPARSE, DENSE = range(len(CHOICES))
+
+
+@dataclass
+class AdaptiveSets:
+    """The choices of one layer call's adaptive heads (``h`` of them), in :func:`~sparse_prefill.index.make_index`'s
+    format. A (sample, head) uses only the fields of its choice; the others hold nothing for it.
+
+    Attributes:
+        choice: [B, h] int64, index into :data:`CHOICES`.
+        cols: [B, h, Sk] int64 local key columns, -1 = none (vertical-slash choices).
+        diag: [B, h, N] bool block diagonals (vertical-slash choices; all of them for dense choices).
+        blocks: [B, h, M, K] int64 key blocks per query block, -1 = none (block-sparse choices).
+        js: [B, h] float, sqrt of the Jensen–Shannon divergence between true and pooled block attention.
+        vs_density, bs_density: [B, h] float, estimated tile density of the vertical-slash sets and of the
+            block-sparse sets (``inf`` where the head is not query-aware or a row needs more than ``max_blocks``).
+    """
+
+    choice: torch.Tensor
+    cols: torch.Tensor
+    diag: torch.Tensor
+    blocks: torch.Tensor
+    js: torch.Tensor
+    vs_density: torch.Tensor
+    bs_density: torch.Tensor
+
+
+def cover(
+    mass: torch.Tensor, forced: torch.Tensor, gamma: torch.Tensor, k: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The smallest set that holds ``forced`` and whose mass reaches ``gamma`` × the total, along the last dim.
+
+    Entries are ranked forced first, then by mass, descending; the set is the shortest prefix of the ranking whose
+    mass reaches the target (entries of mass 0 are never needed, so never kept unless forced; ``gamma = 1`` keeps
+    every entry of positive mass, even where float rounding reaches the total early).
+
+    Args:
+        mass: [..., n] float >= 0. forced: [..., n] bool. gamma: broadcastable to [..., 1], in (0, 1].
+        k: rank only the first ``k`` entries (``topk`` instead of a full sort); ``None``: all n.
+    Returns:
+        order: [..., min(k + 1, n)] entry indices by rank (all n when ``k`` is None).
+        keep: like ``order``, bool: the set, a prefix of the ranking.
+        count: [...] int64 size of the set; ``count > k`` means it does not fit in k entries.
+    """
+    n = mass.shape[-1]
+    width = n if k is None else min(k + 1, n)
+    total = mass.sum(-1, keepdim=True)
+    key = mass.masked_fill(forced, float("inf"))
+    order = key.argsort(dim=-1, descending=True) if k is None else key.topk(width, dim=-1).indices
+    ranked = mass.gather(-1, order)
+    before = F.pad(ranked.cumsum(-1), (1, 0))[..., :-1]  # mass of the entries ranked above each one
+    short = (before < gamma * total) | (gamma >= 1)  # gamma 1: every entry with mass, whatever the rounding
+    keep = forced.gather(-1, order) | (short & (ranked > 0))
+    return order, keep, keep.sum(-1)
+
+
+@functools.lru_cache(maxsize=256)
+def _fconst(values: tuple, device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _param(specs: list[HeadSpec], name: str, device) -> torch.Tensor:
+    """[h] per-head parameter as a device tensor, made once per (values, device) like :func:`const`."""
+    values = [s.params[name] for s in specs]
+    return _fconst(tuple(values), str(device)) if name in ("gamma", "tau", "dense_above") else const(values, device)
+
+
+@dataclass
+class _Geometry:
+    """Tile counts of one call, per sample, for estimating a set's density without building its index."""
+
+    causal: torch.Tensor  # [B] causal tiles (query blocks × key blocks at or before them), as tile_density counts
+    per_diag: torch.Tensor  # [B, N] tiles of block diagonal d
+    per_col: torch.Tensor  # [B, Sk] query blocks that see local column c
+
+    @classmethod
+    def of(cls, q_len: int, kv_len: int, starts: torch.Tensor) -> _Geometry:
+        q_start, off = query_offsets(q_len, kv_len, starts)
+        M, N = cdiv(q_len, BLOCK), cdiv(kv_len, BLOCK)
+        m = torch.arange(M, device=starts.device)
+        n_rows = ((q_len - q_start)[:, None] > m[None, :] * BLOCK).sum(-1)  # [B] valid query blocks
+        n_keys = cdiv_tensor(kv_len - starts, BLOCK)  # [B] valid key blocks
+        base = torch.minimum(block_bases(q_len, kv_len, starts), (n_keys - 1)[:, None])  # [B, M], ascending
+        valid = m[None, :] < n_rows[:, None]
+        causal = ((base + 1) * valid).sum(-1)
+        # Rows past the valid ones have base n_keys - 1 and later last rows: they sort last and are subtracted.
+        d = torch.arange(N, device=starts.device).expand(len(starts), -1).contiguous()
+        per_diag = (n_rows[:, None] - torch.searchsorted(base.contiguous(), d)).clamp(min=0)
+        per_diag = per_diag.masked_fill(d >= n_keys[:, None], 0)
+        last_row = (off[:, None] + m[None, :] * BLOCK + BLOCK - 1).contiguous()
+        c = torch.arange(kv_len, device=starts.device).expand(len(starts), -1).contiguous()
+        per_col = (n_rows[:, None] - torch.searchsorted(last_row, c)).clamp(min=0)
+        return cls(causal.float(), per_diag.float(), per_col.float())
+
+
+def to_local(x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """[B, h, Sk] per tensor column -> per local column (column ``kv_start[b] + c`` at ``c``), zeros past the end."""
+    Sk = x.shape[-1]
+    idx = starts[:, None] + torch.arange(Sk, device=x.device)[None, :]  # [B, Sk]
+    out = x.gather(-1, idx.clamp(max=Sk - 1)[:, None, :].expand_as(x))
+    return out.masked_fill((idx >= Sk)[:, None, :], 0.0)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """sqrt of the Jensen–Shannon divergence (natural log) between distributions along the last dim."""
+    m = (p + q) / 2
+    kl = lambda a: (torch.xlogy(a, a) - torch.xlogy(a, m)).sum(-1)  # noqa: E731
+    return ((kl(p) + kl(q)) / 2).clamp(min=0).sqrt()
+
+
+def vertical_slash_cover(
+    vertical: torch.Tensor, slash: torch.Tensor, specs: list[HeadSpec], q_len: int, starts: torch.Tensor, geo: _Geometry
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vertical-slash sets of adaptive heads from their [B, h, Sk] scores (tensor frame, as estimated).
+
+    Returns:
+        cols: [B, h, Sk] local columns ranked, -1 past the set. diag: [B, h, N] bool. density: [B, h] estimate.
+    """
+    B, h, Sk = vertical.shape
+    dev = vertical.device
+    gamma = _param(specs, "gamma", dev)[None, :, None]
+    local = to_local(vertical, starts)
+    c = torch.arange(Sk, device=dev)
+    length = (Sk - starts)[:, None, None]
+    forced_v = (c[None, None, :] < _param(specs, "force_vertical", dev)[None, :, None]) & (c < length)
+    order, keep, _ = cover(local, forced_v, gamma)
+    cols = torch.where(keep, order, -1)
+    col_tiles = (geo.per_col[:, None, :].expand(-1, h, -1).gather(-1, order) * keep).sum(-1) / BLOCK
+
+    exists = (c[None, :] <= Sk - 1 - starts[:, None])[:, None, :]  # [B, 1, Sk]: offsets some query can have
+    mass = block_diagonal_mass(slash * exists, q_len, Sk, starts)  # [B, h, N]
+    mass = mass.masked_fill(geo.per_diag[:, None, :] == 0, 0.0)  # diagonals that reach no key of the sample
+    nearest = _param(specs, "force_slash", dev).clamp(min=1)[None, :, None]
+    forced_s = slash_diagonals(torch.where(c < nearest, c, -1).expand(B, -1, -1), q_len, Sk, starts)
+    order, keep, _ = cover(mass, forced_s, gamma)
+    diag = torch.zeros_like(forced_s).scatter_(-1, order, keep)
+    diag_tiles = (diag * geo.per_diag[:, None, :]).sum(-1)
+    return cols, diag, (diag_tiles + col_tiles) / geo.causal[:, None]
+
+
+def query_aware_cover(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    local_vertical: torch.Tensor,
+    specs: list[HeadSpec],
+    heads: list[int],
+    scale: float,
+    kv_start: list[int],
+    geo: _Geometry,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query-aware test and block-sparse sets of adaptive heads, one sample at a time (each in its own grid).
+
+    Args:
+        local_vertical: [B, h, Sk] vertical scores per local column (:func:`to_local`).
+    Returns:
+        js: [B, h] sqrt JS divergence. blocks: [B, h, M, K] key blocks per query block, -1 past the set.
+        density: [B, h] estimated tile density of the block-sparse sets, ``inf`` where the head is not query-aware
+        (``sqrt JS >= tau``; on CUDA its rows are not even ranked) or a row needs more than ``max_blocks`` blocks.
+    """
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    dev = q.device
+    group = H // k.shape[1]
+    M, N = cdiv(Sq, BLOCK), cdiv(Sk, BLOCK)
+    h = len(heads)
+    max_blocks = [min(s.budget("max_blocks", N), N) for s in specs]
+    K = max(max_blocks)
+    blocks = torch.full((B, h, M, K), -1, dtype=torch.long, device=dev)
+    js = torch.empty(B, h, device=dev)
+    tiles = torch.empty(B, h, device=dev)
+    gamma, tau, limit = _param(specs, "gamma", dev), _param(specs, "tau", dev), const(max_blocks, dev)
+    sink = cdiv_tensor(_param(specs, "force_vertical", dev), BLOCK)  # [h] key blocks holding the forced first keys
+    nearest = _param(specs, "force_slash", dev).clamp(min=1)
+    last_q = [s.params["last_q"] for s in specs]
+    L = min(max(last_q), Sq)
+    r = torch.arange(L, device=dev)
+    in_window = r[None, :] >= L - const(last_q, dev)[:, None]  # [h, L]
+    true = F.pad(local_vertical, (0, N * BLOCK - Sk)).unflatten(-1, (N, BLOCK)).sum(-1)  # [B, h, N]
+    _, off = query_offsets(Sq, Sk, const(kv_start, dev))
+    base = block_bases(Sq, Sk, const(kv_start, dev))
+    for b in range(B):
+        ks = kv_start[b]
+        qs = max(0, ks - (Sk - Sq))  # first valid query row
+        Mb, Nb = cdiv(Sq - qs, BLOCK), cdiv(Sk - ks, BLOCK)
+        pooled_k = _mean_pool(k[b, :, ks:])  # [Hkv, Nb, D]
+        first = off[b] + torch.arange(Mb, device=dev) * BLOCK  # local position of each query block's first row
+        window = (in_window & (Sq - L + r >= qs)[None, :]).float()  # [h, L] last queries that exist
+        for kv0, kv1, sel in _kv_chunks(heads, group, Mb * Nb * 4 * 4):
+            idx = const(sel, dev)
+            rows = const([heads[i] for i in sel], dev)
+            # Query-aware test on the last queries: their mean query against pooled keys vs. their true attention.
+            w = window.index_select(0, idx)
+            last = q[b, :, Sq - L :].index_select(0, rows).float()  # [hc, L, D]
+            q_mean = (w[..., None] * last).sum(1) / w.sum(1, keepdim=True)  # [hc, D]
+            est = (q_mean.unflatten(0, (kv1 - kv0, -1)) @ pooled_k[kv0:kv1].transpose(-1, -2)).flatten(0, 1)
+            est = torch.softmax(est.float() * scale, -1)  # [hc, Nb]
+            got = true[b].index_select(0, idx)[:, :Nb]
+            js[b, idx] = js_divergence(got / got.sum(-1, keepdim=True), est)
+            query_aware = js[b, idx] < tau.index_select(0, idx)
+            # Query-aware sets: per query block, softmax of pooled q·k over its causal key blocks.
+            pq = _mean_pool(q[b, :, qs:].index_select(0, rows)).unflatten(0, (kv1 - kv0, -1))  # [kv, g, Mb, D]
+            scores = (pq @ pooled_k[kv0:kv1, None].transpose(-1, -2)).flatten(0, 1).float()  # [hc, Mb, Nb]
+            lo = (first[None, :] - nearest.index_select(0, idx)[:, None] + 1).clamp(min=0) // BLOCK  # [hc, Mb]
+            args = (base[b, :Mb], lo, sink.index_select(0, idx), gamma.index_select(0, idx))
+            if q.is_cuda and cover_rows_triton is not None:  # rows of heads that are not query-aware are skipped
+                picked, count = cover_rows_triton(scores, *args, query_aware, K, scale)
+            else:
+                picked, count = cover_rows_torch(scores * scale, *args, K)
+            blocks[b, idx, :Mb, : picked.shape[-1]] = picked
+            fits = (count <= limit.index_select(0, idx)[:, None]).all(-1) & query_aware
+            tiles[b, idx] = torch.where(fits, count.sum(-1).float(), float("inf"))
+    return js, blocks, tiles / geo.causal[:, None]
+
+
+def cover_rows_torch(
+    scores: torch.Tensor, top: torch.Tensor, lo: torch.Tensor, sink: torch.Tensor, gamma: torch.Tensor, K: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block lists of query-aware rows, every head (the reference of
+    :func:`~sparse_prefill.kernels.cover_rows.cover_rows_triton`, which takes the same arguments and skips heads).
+
+    Args:
+        scores: [h, M, N] scaled pooled q·k. top: [M] last causal key block per row. lo: [h, M] forced from this key
+            block on (own and local blocks). sink: [h] forced below this key block. gamma: [h]. K: list width.
+    Returns:
+        blocks: [h, M, min(K, N)] key blocks (ranked order), -1 past the set; count: [h, M] set sizes (> K: no fit).
+    """
+    j = torch.arange(scores.shape[-1], device=scores.device)
+    causal = j[None, :] <= top[:, None]  # [M, N]
+    p = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    forced = causal & ((j >= lo[..., None]) | (j < sink[:, None, None]))
+    order, keep, count = cover(p, forced, gamma[:, None, None], k=K)
+    width = min(K, order.shape[-1])
+    return torch.where(keep[..., :width], order[..., :width], -1), count
+
+
+def adaptive_sets(
+    q: torch.Tensor, k: torch.Tensor, specs: list[HeadSpec], heads: list[int], scale: float, kv_start: list[int]
+) -> AdaptiveSets:
+    """Choose pattern and budgets of the adaptive heads of one layer call (module docstring: the rule).
+
+    Args:
+        q: [B, Hq, Sq, D] queries after RoPE; k: [B, Hkv, Sk, D] keys (the full cache, Sq <= Sk).
+        specs: the adaptive heads' specs; heads: their query-head numbers (ascending).
+        scale: softmax scale.
+        kv_start: per sample, the first valid key column (left padding), as host integers.
+    """
+    Sq, Sk = q.shape[2], k.shape[2]
+    dev = q.device
+    starts = const(kv_start, dev)
+    geo = _Geometry.of(Sq, Sk, starts)
+    last_q = [s.params["last_q"] for s in specs]
+    vertical, slash = vertical_slash_scores(q, k, heads, last_q, scale, starts)
+    cols, diag, vs_density = vertical_slash_cover(vertical, slash, specs, Sq, starts, geo)
+    js, blocks, bs_density = query_aware_cover(q, k, to_local(vertical, starts), specs, heads, scale, kv_start, geo)
+
+    block_sparse = bs_density.isfinite()  # query-aware (sqrt JS < tau) and every row fits in max_blocks
+    density = torch.where(block_sparse, bs_density, vs_density)
+    dense = density >= _param(specs, "dense_above", dev)[None, :]
+    choice = torch.where(dense, DENSE, torch.where(block_sparse, BLOCK_SPARSE, VERTICAL_SLASH))
+    is_vs = choice == VERTICAL_SLASH
+    return AdaptiveSets(
+        choice=choice,
+        cols=cols.masked_fill(~is_vs[..., None], -1),
+        diag=(diag & is_vs[..., None]) | (choice == DENSE)[..., None],
+        blocks=blocks.masked_fill((choice != BLOCK_SPARSE)[..., None, None], -1),
+        js=js,
+        vs_density=vs_density,
+        bs_density=bs_density,
+    )
