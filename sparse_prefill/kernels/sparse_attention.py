@@ -100,11 +100,10 @@ def _count_at_most(ptr, n, a, b, CHUNK: tl.constexpr):
 def _configs():
     # The interpreter cannot autotune several configs. On the GPU: one warpgroup per 64 query rows (8 warps split
     # the tiles and ran 2x slower on H200), and 2-3 stages (deeper pipelines cost occupancy: 2 was best for D=64
-    # and D=128 on H200). Unbounded, the kernel takes 224 registers a thread, so registers cap an SM at 2 programs
-    # (ncu, H100); a 168-register cap lets 3 in, if spilling costs less than the latency it hides.
+    # and D=128 on H200).
     if _INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=4, num_stages=s, maxnreg=r) for s in (2, 3) for r in (None, 168)]
+    return [triton.Config({}, num_warps=4, num_stages=s) for s in (2, 3)]
 
 
 @triton.autotune(configs=_configs(), key=["HEAD_DIM"])
