@@ -153,8 +153,9 @@ class _GraphedSelect:
     index. Should a capture fail, this shape stays eager.
     """
 
-    _pools: dict = {}
+    _pools: dict = {}  # device -> (pool handle, the first graph captured into it: it keeps the pool alive)
     _workspaces: dict = {}
+    broken = False  # a capture failed: every later call runs eagerly
 
     def __init__(self, select):
         self.select = select
@@ -163,7 +164,7 @@ class _GraphedSelect:
 
     def __call__(self, measured: dict[str, torch.Tensor]) -> SparseIndex:
         self.calls += 1
-        if self.calls == 2:
+        if self.calls == 2 and not _GraphedSelect.broken:
             self._capture(measured)
         if self.graph is None:
             return self.select(measured)
@@ -183,21 +184,24 @@ class _GraphedSelect:
         current, side = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
         side.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
+        # A pool lives while a graph captured into it does: the first graph of the device is kept for good, so the
+        # handle stays valid when the plans that captured later graphs are gone.
+        pool, _ = self._pools.get(dev, (torch.cuda.graph_pool_handle(), None))
         try:
             with torch.cuda.stream(side):
                 self.select({n: t.clone() for n, t in inputs.items()})  # warm-up off the capture
-                graph.capture_begin(
-                    pool=self._pools.setdefault(dev, torch.cuda.graph_pool_handle()), capture_error_mode="thread_local"
-                )
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                 try:
                     output = self.select(inputs)
                 finally:
                     graph.capture_end()
         except RuntimeError as err:
             current.wait_stream(side)
+            _GraphedSelect.broken = True
             logger.warning("sparse_prefill: CUDA graph capture of the index selection failed (%s); runs eagerly", err)
             return
         current.wait_stream(side)
+        self._pools.setdefault(dev, (pool, graph))
         self.graph = (graph, inputs, output)
 
     @classmethod

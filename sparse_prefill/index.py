@@ -248,11 +248,16 @@ def tile_density(index: SparseIndex) -> torch.Tensor:
         blocks = block_mask(index, b)[:, :m_valid, :n_valid]  # [H, M, N]
         cols = index.col_idx[b].long()  # [H, V]
         V = cols.shape[-1]
-        visible = torch.arange(V, device=cols.device) < index.col_row_cnt[b][:, :m_valid, None]  # [H, M, V]
-        covered = blocks.gather(2, (cols // BLOCK).clamp(max=n_valid - 1)[:, None, :].expand(-1, m_valid, -1))
-        extra = cdiv_tensor((visible & ~covered).sum(-1), BLOCK)  # [H, M]
+        col_blocks = (cols // BLOCK).clamp(max=n_valid - 1)
+        extra = 0
+        step = max(1, (1 << 26) // max(1, H * V))  # query blocks per chunk: [H, step, V] stays ~64M elements
+        for m0 in range(0, m_valid, step):
+            m1 = min(m0 + step, m_valid)
+            visible = torch.arange(V, device=cols.device) < index.col_row_cnt[b][:, m0:m1, None]  # [H, m, V]
+            covered = blocks[:, m0:m1].gather(2, col_blocks[:, None, :].expand(-1, m1 - m0, -1))
+            extra = extra + cdiv_tensor((visible & ~covered).sum(-1), BLOCK).sum(-1)  # [H]
         causal_tiles = (base[b, :m_valid].clamp(max=n_valid - 1) + 1).sum()
-        out[b] = (blocks.sum((-1, -2)) + extra.sum(-1)).float() / causal_tiles.float()
+        out[b] = (blocks.sum((-1, -2)) + extra).float() / causal_tiles.float()
     return out
 
 

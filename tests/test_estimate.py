@@ -1,5 +1,7 @@
 """Index estimation against loop-by-loop restatements of MInference's rules."""
 
+import gc
+
 import pytest
 import torch
 from naive import block_mass, block_sparse_sets, slash_block_diagonals, top_set, vertical_slash_scores
@@ -166,3 +168,12 @@ def test_gpu_graph_replays_give_each_call_its_own_index(monkeypatch):
     for g, e in zip(got, eager):
         for name in ("diag_mask", "col_idx", "col_cnt", "col_row_cnt", "blk_idx", "blk_cnt"):
             assert torch.equal(getattr(g, name), getattr(e, name)), name
+    # The shared memory pool outlives the plans whose graphs used it: a later plan still captures.
+    monkeypatch.setattr(estimate, "CUDA_GRAPHS", True)
+    del plans, got
+    gc.collect()
+    later = LayerPlan([spec("vertical_slash")] * 8)
+    for q, k in inputs[:3]:
+        later.index(q, k, 0.125, [0, 300])
+    assert later._static[next(iter(later._static))]["graphed"].graph is not None
+    assert not estimate._GraphedSelect.broken
