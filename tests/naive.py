@@ -128,7 +128,8 @@ def adaptive_head(q, k, b, h, spec, scale, start):
     """
     import math
 
-    p = spec.params
+    # tau as the implementation holds it, fp32 on the device: a denormal tau is 0 there and picks nothing.
+    p = {**spec.params, "tau": float(torch.tensor(spec.params["tau"], dtype=torch.float32))}
     Sq, Sk = q.shape[2], k.shape[2]
     group = q.shape[1] // k.shape[1]
     first_row, first_pos = frame(Sq, Sk, start)
