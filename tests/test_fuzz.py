@@ -93,7 +93,8 @@ def test_adaptive_heads_follow_the_loop_reference(kv_heads, group, kv_len, chunk
     q_len = max(1, round(chunk * kv_len))
     starts = [min(p, kv_len - 1) for p in pads]
     heads = [adaptive_spec(data.draw) for _ in range(kv_heads * group)]
-    g = torch.Generator().manual_seed(CASES["adaptive"] * 1000 + kv_len)
+    # Seeded by the example, so a replay of a failing example sees the same tensors.
+    g = torch.Generator().manual_seed(hash((kv_heads, group, kv_len, q_len, tuple(pads), sharpness)) % 2**31)
     q = torch.randn(len(starts), len(heads), q_len, 8, generator=g) * sharpness
     k = torch.randn(len(starts), kv_heads, kv_len, 8, generator=g)
     check_against_loops(q, k, heads, 0.35, starts)
