@@ -2,6 +2,8 @@
 
     python scripts/compare_evals.py calibrated=out/calibrated_4k adaptive=out/adaptive_4k --out out/summary.md
 
+Runs of one name at other lengths (calibrated=out/calibrated_8k) share that name's column.
+
 Each run folder holds the ``results.json`` of ``sparse-prefill-eval``. Every run carries its own dense baseline on
 the same prompts (same seed, tasks and lengths), so the dense column comes from the first run that has the length, and
 the script says whether the other runs' dense answers agree with it.
@@ -33,18 +35,30 @@ def _row(cells: list) -> str:
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
+def _describe(results: dict) -> str:
+    """The config of a run, with an adaptive config's thresholds (they are what tells adaptive runs apart)."""
+    cfg = results["meta"]["config"]
+    heads = [h for layer in cfg["json"]["layers"] for h in layer if h["pattern"] == "adaptive"]
+    extra = f" (gamma {heads[0]['gamma']:g}, tau {heads[0]['tau']:g})" if heads else ""
+    return cfg["source"] + extra
+
+
 def compare(runs: list[tuple[str, dict]]) -> tuple[str, dict]:
-    """(markdown, numbers) for runs [(name, results.json)]."""
-    names = [name for name, _ in runs]
+    """(markdown, numbers) for runs [(name, results.json)]; runs of one name (other lengths) share a column."""
+    names = list(dict.fromkeys(name for name, _ in runs))
     lengths = sorted({n for _, r in runs for n in r["meta"]["lengths"]})
+
+    def at(name: str, n: int) -> dict | None:
+        return next((r for k, r in runs if k == name and n in r["meta"]["lengths"]), None)
+
     first = runs[0][1]["meta"]
     lines = [
         f"# Adaptive vs calibrated vs dense: {first['model']}",
         "",
-        f"`sparse-prefill-eval` runs ({', '.join(names)}) on the same generated prompts (seed {first['seed']}); "
-        f"{first['device']} {first['dtype']}, {first['threads']} torch thread(s), torch {first['versions']['torch']}, "
-        f"transformers {first['versions']['transformers']}. Each run's folder has its full summary.md, results.json "
-        "and figures. Dense = the same model unpatched on the same prompts.",
+        f"`sparse-prefill-eval` runs on the same generated prompts (seed {first['seed']}); {first['device']} "
+        f"{first['dtype']}, {first['threads']} torch thread(s), torch {first['versions']['torch']}, transformers "
+        f"{first['versions']['transformers']}. Each run's folder has its full summary.md, results.json and figures. "
+        "Dense = the same model unpatched on the same prompts.",
         "",
         "Runs:",
         "",
@@ -52,18 +66,18 @@ def compare(runs: list[tuple[str, dict]]) -> tuple[str, dict]:
     for name, r in runs:
         m = r["meta"]
         lines.append(
-            f"- **{name}**: config {m['config']['source']}; lengths {', '.join(map(_k, m['lengths']))}; tasks "
-            f"{', '.join(m['tasks'])}; needle depths {m['depths']}"
+            f"- **{name}**, {', '.join(map(_k, m['lengths']))}: {_describe(r)}; tasks {', '.join(m['tasks'])}; "
+            f"needle depths {m['depths']}"
         )
     numbers: dict = {"runs": names, "lengths": {}}
     lines += ["", "## Accuracy (score per task: dense, then each run patched)", ""]
     lines += [_row(["length", "task", "dense", *names]), "|" + "---|" * (3 + len(names))]
     for n in lengths:
-        having = [(name, r) for name, r in runs if n in r["meta"]["lengths"]]
-        tasks = list(dict.fromkeys(t for _, r in having for t in r["summary"]["accuracy"]))
+        having = {name: at(name, n) for name in names if at(name, n)}
+        tasks = list(dict.fromkeys(t for r in having.values() for t in r["summary"]["accuracy"]))
         per = numbers["lengths"].setdefault(str(n), {"accuracy": {}, "fidelity": {}})
         for task in tasks:
-            cells = {name: r["summary"]["accuracy"].get(task, {}).get(str(n)) for name, r in having}
+            cells = {name: r["summary"]["accuracy"].get(task, {}).get(str(n)) for name, r in having.items()}
             dense = next(c["dense"] for c in cells.values() if c)
             agree = all(c is None or c["dense"] == dense for c in cells.values())
             per["accuracy"][task] = {"dense": dense, **{k: c and c["patched"] for k, c in cells.items()}}
@@ -92,10 +106,11 @@ def compare(runs: list[tuple[str, dict]]) -> tuple[str, dict]:
         "|" + "---|" * 8,
     ]
     for n in lengths:
-        for name, r in runs:
-            p = r["summary"]["per_length"].get(str(n))
-            if p is None:
+        for name in names:
+            r = at(name, n)
+            if r is None:
                 continue
+            p = r["summary"]["per_length"][str(n)]
             numbers["lengths"][str(n)]["fidelity"][name] = {
                 k: p.get(k) for k in ("samples", "top1", "kl", "attn_rel_err", "density", "patterns_run")
             }
@@ -119,7 +134,9 @@ def compare(runs: list[tuple[str, dict]]) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="name=folder of a sparse-prefill-eval run, in column order")
+    parser.add_argument(
+        "runs", nargs="+", help="name=folder of a sparse-prefill-eval run, in column order (a name may repeat)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="markdown file; the numbers go next to it as .json")
     args = parser.parse_args(argv)
     markdown, numbers = compare([load(spec) for spec in args.runs])

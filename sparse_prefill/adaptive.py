@@ -32,10 +32,25 @@ fills ``cols`` and ``diag``, a block-sparse choice ``blocks``, a dense choice ev
 that (sample, head) stay empty. So every backend (Triton kernel, blockwise torch, fp32 reference) runs adaptive heads
 unchanged.
 
-Everything is batched torch on the device of q/k with no host synchronisation: budgets that differ per (sample, head,
-row) are masks over one ranking (``topk`` + ``cumsum``), never ``.item()``. Memory follows the static estimators:
-the last queries' probabilities one KV head run at a time (inside ``vertical_slash_scores``), pooled block scores
-[heads of a KV-head run, M, N] one sample at a time, and [B, h, Sk] for the column ranking; no S×S buffer.
+Everything is batched on the device of q/k with no host synchronisation: budgets that differ per (sample, head, row)
+are masks over one ranking (sort / ``topk`` + ``cumsum``), never ``.item()``. On CUDA the block-sparse rows come from
+a Triton kernel (:mod:`sparse_prefill.kernels.cover_rows`) that returns at once for heads whose test said
+vertical-slash, so only query-aware heads pay for ranking their rows; the torch path (CPU, and the kernel's
+reference) ranks every head. Memory follows the static estimators: the last queries' probabilities one KV head run
+at a time (inside ``vertical_slash_scores``), pooled block scores [heads of a KV-head run, M, N] one sample at a time,
+[B, h, Sk] for the column ranking and [B, h, M, max_blocks] for the block lists; no S×S buffer.
+
+Defaults (:data:`~sparse_prefill.config.PATTERN_DEFAULTS`): ``gamma`` 0.9 and ``tau`` 0.1 are FlexPrefill's
+(its JS also uses natural logs); the forced minimum (64 sink keys, 128 nearest diagonals) is MInference's floor
+rounded to whole blocks; ``dense_above`` 0.8 sends a head dense when its sets would cost at least 80 % of dense
+anyway; ``max_blocks`` 0.125 bounds the block lists (on SmolLM2, 0.25 chose the same patterns). Measured on
+SmolLM2-135M (``benchmarks/results/eval_adaptive/``): at 4K every task is answered as dense does at tile density
+0.435 (the calibrated config: 0.468), but the 8K multi-key needle is lost (the calibrated config keeps it at 0.427),
+and KL to dense is ~10x the calibrated config's. The mass criterion does not see values: many mid/late-layer heads
+put ~90-99 % of their attention on the first token, whose value is near zero, so gamma is met by the sink alone while
+the remaining attention, which carries the output, is covered only where the last queries look. Calibration measures
+those heads over many rows and samples and makes them dense; raising gamma (0.95: density 0.48 at 8K) or
+discounting the sink's mass did not recover the 8K answer.
 """
 
 from __future__ import annotations

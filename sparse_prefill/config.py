@@ -15,7 +15,9 @@ one pattern per (layer, head)::
 
 A head entry gives a pattern and any of its parameters; missing ones come from ``defaults``, then from
 ``PATTERN_DEFAULTS``. Budgets (token or block counts) are positive integers, or fractions in (0, 1) of the key length
-of the call, so one config can serve several prompt lengths.
+of the call (of its key blocks for ``max_blocks``), so one config can serve several prompt lengths. ``adaptive``
+heads also take thresholds, numbers in the unit interval (``UNIT``): ``gamma`` and ``dense_above`` in (0, 1],
+``tau`` in [0, 1].
 
 ``min_seq_len``: prefills with fewer keys run dense. ``"auto"`` (the default) is the crossover measured for the call's
 device class and head_dim (:mod:`sparse_prefill.devices`; a conservative fallback where nothing was measured); an

@@ -39,7 +39,7 @@ from .patch import find_shipped_config, last_report, patch_model, unpatch_model
 from .patches import UnsupportedModelError, adapter_for
 from .tasks import TASKS, Haystack, Sample, make_samples, score
 
-ALIASES = {"vs": "vertical_slash", "a": "a_shape", "block": "block_sparse", "adaptive": "adaptive"}
+ALIASES = {"vs": "vertical_slash", "a": "a_shape", "block": "block_sparse"}
 MIN_LENGTH = 512  # room for the instructions and the answer of every task
 
 
@@ -664,6 +664,11 @@ def _config_arg(value: str | None, model) -> str | SparseConfig | None:
     return SparseConfig.uniform(adapter_for(model).model_info(model), pattern)
 
 
+def _adaptive_source(args) -> str:
+    given = [f"{n}={v:g}" for n, v in (("gamma", args.gamma), ("tau", args.tau)) if v is not None]
+    return f"patch_model(mode='adaptive'{''.join(', ' + g for g in given)})"
+
+
 def _default_source(info) -> str:
     if find_shipped_config(info) is not None:
         return "the shipped config for this model (patch_model(model, None))"
@@ -748,9 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model if args.model != SMOLLM2 else info.name,
             "model_info": vars(info),
             "config": {
-                "source": "patch_model(mode='adaptive')"
-                if args.mode == "adaptive"
-                else args.config or _default_source(info),
+                "source": _adaptive_source(args) if args.mode == "adaptive" else args.config or _default_source(info),
                 "made_for": config.model.name,
                 "provenance": config.provenance,
                 "patterns": dict(Counter(h.pattern for layer in config.layers for h in layer)),

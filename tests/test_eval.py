@@ -243,7 +243,7 @@ def test_adaptive_mode_reports_the_patterns_it_ran(tiny_llama, tmp_path):
     argv = ["--model", str(tiny_llama), "--mode", "adaptive", "--gamma", "1", "--tasks", "niah", "--lengths", "512"]
     assert main(argv + ["--depths", "0.5", "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["meta"]["config"]["source"] == "patch_model(mode='adaptive')"
+    assert results["meta"]["config"]["source"] == "patch_model(mode='adaptive', gamma=1)"
     assert results["meta"]["config"]["patterns"] == {"adaptive": 8}
     (record,) = results["samples"]
     assert len(record["patterns"]) == 2 and all(
