@@ -112,6 +112,15 @@ def test_e2e_budget_skips_groups(tmp_path):
     assert "- skipped: llama3-8b at 256" in open(f"{out}.md").read()
 
 
+def test_fallback_smoke_run(capsys):
+    load("bench_e2e")  # bench_fallback imports it by name
+    load("bench_fallback").main(["--smoke", "--models", "llama3-8b"])
+    out = capsys.readouterr().out
+    assert "patched path: kv_len 128 < min_seq_len" in out  # the patched model really took the fallback
+    assert "max |dense - patched| = 0\n" in out  # which is stock SDPA: the same logits, bit for bit
+    assert "interleaved x2: dense median" in out and out.count("top kernels:") == 2
+
+
 def test_crossover_smoke_run(tmp_path):
     import json
 
