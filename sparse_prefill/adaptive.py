@@ -41,16 +41,16 @@ at a time (inside ``vertical_slash_scores``), pooled block scores [heads of a KV
 [B, h, Sk] for the column ranking and [B, h, M, max_blocks] for the block lists; no S×S buffer.
 
 Defaults (:data:`~sparse_prefill.config.PATTERN_DEFAULTS`): ``gamma`` 0.9 and ``tau`` 0.1 are FlexPrefill's
-(its JS also uses natural logs); the forced minimum (64 sink keys, 128 nearest diagonals) is MInference's floor
-rounded to whole blocks; ``dense_above`` 0.8 sends a head dense when its sets would cost at least 80 % of dense
-anyway; ``max_blocks`` 0.125 bounds the block lists (on SmolLM2, 0.25 chose the same patterns). Measured on
-SmolLM2-135M (``benchmarks/results/eval_adaptive/``): at 4K every task is answered as dense does at tile density
-0.435 (the calibrated config: 0.468), but the 8K multi-key needle is lost (the calibrated config keeps it at 0.427),
-and KL to dense is ~10x the calibrated config's. The mass criterion does not see values: many mid/late-layer heads
-put ~90-99 % of their attention on the first token, whose value is near zero, so gamma is met by the sink alone while
-the remaining attention, which carries the output, is covered only where the last queries look. Calibration measures
-those heads over many rows and samples and makes them dense; raising gamma (0.95: density 0.48 at 8K) or
-discounting the sink's mass did not recover the 8K answer.
+(its JS also uses natural logs); ``last_q`` 128 estimation queries (with the static default, 64, SmolLM2's 4K KL to
+dense was 3x higher); the forced minimum (64 sink keys, 128 nearest diagonals) is MInference's floor rounded to whole
+blocks; ``dense_above`` 0.8 sends a head dense when its sets would cost at least 80 % of dense anyway; ``max_blocks``
+0.125 bounds the block lists (on SmolLM2, 0.25 chose the same patterns). Measured on SmolLM2-135M
+(``benchmarks/results/eval_adaptive/``): ``gamma`` 0.95 answers every 4K and 8K task as dense does, at tile density
+0.61 / 0.44 (the calibrated config: 0.47 / 0.43); 0.9 is sparser (0.49 / 0.34) but loses the 8K multi-key needle.
+The mass criterion does not see values: many mid/late-layer heads put ~90-99 % of their attention on the first
+token, whose value is near zero, so gamma is met by the sink alone while the remaining attention, which carries the
+output, is covered only where the last queries look. Calibration measures those heads over many rows and samples and
+makes them dense.
 """
 
 from __future__ import annotations

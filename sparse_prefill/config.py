@@ -65,7 +65,7 @@ PATTERN_DEFAULTS: dict[str, dict[str, int | float | str]] = {
     "adaptive": {
         "gamma": 0.9,
         "tau": 0.1,
-        "last_q": 64,
+        "last_q": 128,
         "force_vertical": 64,
         "force_slash": 128,
         "max_blocks": 0.125,

@@ -144,7 +144,7 @@ def test_adaptive_heads_round_trip_with_float_thresholds(tmp_path):
     config = SparseConfig.from_dict(raw)
     head = config.layers[1][0]
     assert head.params["gamma"] == 1.0 and isinstance(head.params["gamma"], float)  # JSON's 1 read as a number
-    assert head.params["tau"] == 0.0 and head.params["dense_above"] == 0.75 and head.params["last_q"] == 64
+    assert head.params["tau"] == 0.0 and head.params["dense_above"] == 0.75 and head.params["last_q"] == 128
     assert head.budget("max_blocks", 40) == 20
     save_config(config, tmp_path / "c.json")
     assert load_config(tmp_path / "c.json") == config
