@@ -55,13 +55,12 @@ makes them dense.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .config import HeadSpec
+from .config import UNIT, HeadSpec
 from .estimate import _kv_chunks, _mean_pool, block_diagonal_mass, const, vertical_slash_scores
 from .kernels import cover_rows_triton
 from .index import BLOCK, block_bases, cdiv, cdiv_tensor, query_offsets, slash_diagonals
@@ -123,15 +122,9 @@ def cover(
     return order, keep, keep.sum(-1)
 
 
-@functools.lru_cache(maxsize=256)
-def _fconst(values: tuple, device: str) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
 def _param(specs: list[HeadSpec], name: str, device) -> torch.Tensor:
-    """[h] per-head parameter as a device tensor, made once per (values, device) like :func:`const`."""
-    values = [s.params[name] for s in specs]
-    return _fconst(tuple(values), str(device)) if name in ("gamma", "tau", "dense_above") else const(values, device)
+    """[h] per-head parameter as a cached device tensor (:func:`const`): float32 for the thresholds, else int64."""
+    return const([s.params[name] for s in specs], device, torch.float32 if name in UNIT else torch.long)
 
 
 @dataclass

@@ -239,14 +239,15 @@ def build_index(
 
 
 @functools.lru_cache(maxsize=1024)
-def _const(values: tuple, device: str) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+def _const(values: tuple, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
-def const(values, device) -> torch.Tensor:
-    """A small int64 tensor of host values, made once per (values, device): a fresh host-to-device copy on every call
-    would wait for the GPU (it synchronises the stream), and these lists repeat across calls and layers."""
-    return _const(tuple(values), str(device))
+def const(values, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small tensor (int64 by default) of host values, made once per (values, device, dtype): a fresh host-to-device
+    copy on every call would wait for the GPU (it synchronises the stream), and these lists repeat across calls and
+    layers."""
+    return _const(tuple(values), str(device), dtype)
 
 
 def _prefix(B: int, lengths: list[int], dev: torch.device) -> torch.Tensor:
