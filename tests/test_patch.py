@@ -33,6 +33,15 @@ def logits(model, ids, **kw):
 IDS = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(1))
 
 
+def left_padded_pair():
+    """Prompts a (300 tokens) and b (200), batched with b left-padded by 100: (a, b, ids [2, 300], mask)."""
+    a, b = IDS[:, :300], IDS[:, 50:250]
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 100, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :100] = 0
+    return a, b, ids, mask
+
+
 def test_unpatch_restores_bit_identical_outputs():
     model = tiny_model()
     before = logits(model, IDS)
@@ -68,10 +77,7 @@ def test_full_budget_equals_dense(kind, head):
 def test_left_padding_equals_per_sample_runs():
     model = tiny_model()
     patch_model(model, config_for(model, **SPARSE))
-    a, b = IDS[:, :300], IDS[:, 50:250]
-    ids = torch.cat([a, torch.cat([torch.zeros(1, 100, dtype=torch.long), b], 1)])
-    mask = torch.ones_like(ids)
-    mask[1, :100] = 0
+    a, b, ids, mask = left_padded_pair()
     batched = logits(model, ids, attention_mask=mask)
     assert {r.path for r in last_report(model)} == {"sparse"}
     assert_close(batched[0], logits(model, a)[0], 1e-4, 1e-4)
@@ -223,10 +229,7 @@ def test_adaptive_left_padding_and_chunked_prefill_equal_single_runs():
         pattern="adaptive", gamma=0.3, tau=0.16, dense_above=1.0, max_blocks=5, force_vertical=4, force_slash=16
     )
     patch_model(model, config_for(model, **heads))
-    a, b = IDS[:, :300], IDS[:, 50:250]
-    ids = torch.cat([a, torch.cat([torch.zeros(1, 100, dtype=torch.long), b], 1)])
-    mask = torch.ones_like(ids)
-    mask[1, :100] = 0
+    a, b, ids, mask = left_padded_pair()
     batched = logits(model, ids, attention_mask=mask)
     choices = [r.choices for r in last_report(model)]
     assert_close(batched[0], logits(model, a)[0], 1e-4, 1e-4)
