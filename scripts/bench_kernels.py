@@ -34,7 +34,7 @@ DENSITIES = (0.05, 0.10, 0.25)
 
 def synthetic_index(pattern: str, density: float, H: int, S: int, device: str):
     """An index of one layer (batch 1, no padding) with about ``density`` of the causal tiles per head."""
-    from sparse_prefill.index import BLOCK, cdiv, make_index
+    from sparse_prefill.index import BLOCK, ascending, cdiv, make_index
 
     N = cdiv(S, BLOCK)
     kv_start = torch.zeros(1, dtype=torch.long, device=device)
@@ -71,7 +71,7 @@ def synthetic_index(pattern: str, density: float, H: int, S: int, device: str):
         want = (density * (j + 1)).ceil().long().clamp(min=1)  # blocks per query block
         blocks = torch.where((torch.arange(keep_max, device=device) < want[:, None]) & (val >= 0), idx, -1)
         del scores
-    return make_index(S, S, kv_start, diag, cols, blocks)
+    return make_index(S, S, kv_start, diag, ascending(cols), ascending(blocks))
 
 
 def bench(fn) -> float:

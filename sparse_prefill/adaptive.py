@@ -32,13 +32,18 @@ fills ``cols`` and ``diag``, a block-sparse choice ``blocks``, a dense choice ev
 that (sample, head) stay empty. So every backend (Triton kernel, blockwise torch, fp32 reference) runs adaptive heads
 unchanged.
 
-Everything is batched on the device of q/k with no host synchronisation: budgets that differ per (sample, head, row)
+The work is split as :class:`~sparse_prefill.estimate.LayerPlan`'s stages: :func:`measure` reads q and k once (the
+scores of step 1, block means of q and k, the last queries' mean query), :func:`choose` does the rest from those
+alone, so on CUDA it is replayed as a CUDA graph (at 128K keys on an H200 the index of a Llama-3-8B layer went from
+26 to 8 ms: launching its kernels one by one cost more host time than the GPU spent running them). Everything is
+batched on the device of q/k with no host synchronisation: budgets that differ per (sample, head, row)
 are masks over one ranking (sort / ``topk`` + ``cumsum``), never ``.item()``. On CUDA the block-sparse rows come from
 a Triton kernel (:mod:`sparse_prefill.kernels.cover_rows`) that returns at once for heads whose test said
 vertical-slash, so only query-aware heads pay for ranking their rows; the torch path (CPU, and the kernel's
 reference) ranks every head. Memory follows the static estimators: the last queries' probabilities one KV head run
 at a time (inside ``vertical_slash_scores``), pooled block scores [heads of a KV-head run, M, N] one sample at a time,
-[B, h, Sk] for the column ranking and [B, h, M, max_blocks] for the block lists; no S×S buffer.
+block means of q and k (fp32, 1/32 of their bf16 size), [B, h, Sk] for the column ranking and [B, h, M, max_blocks]
+for the block lists; no S×S buffer.
 
 Defaults (:data:`~sparse_prefill.config.PATTERN_DEFAULTS`): ``gamma`` 0.9 and ``tau`` 0.1 are FlexPrefill's
 (its JS also uses natural logs); ``last_q`` 128 estimation queries (with the static default, 64, SmolLM2's 4K KL to
@@ -63,7 +68,7 @@ import torch.nn.functional as F
 from .config import UNIT, HeadSpec
 from .estimate import _kv_chunks, _mean_pool, block_diagonal_mass, const, vertical_slash_scores
 from .kernels import cover_rows_triton
-from .index import BLOCK, block_bases, cdiv, cdiv_tensor, query_offsets, slash_diagonals
+from .index import BLOCK, ascending, block_bases, cdiv, cdiv_tensor, positions, query_offsets, slash_diagonals
 
 CHOICES = ("vertical_slash", "block_sparse", "dense")  # codes of AdaptiveSets.choice
 VERTICAL_SLASH, BLOCK_SPARSE, DENSE = range(len(CHOICES))
@@ -76,9 +81,9 @@ class AdaptiveSets:
 
     Attributes:
         choice: [B, h] int64, index into :data:`CHOICES`.
-        cols: [B, h, Sk] int64 local key columns, -1 = none (vertical-slash choices).
+        cols: [B, h, Sk] int64 local key columns ascending, then -1 (vertical-slash choices).
         diag: [B, h, N] bool block diagonals (vertical-slash choices; all of them for dense choices).
-        blocks: [B, h, M, K] int64 key blocks per query block, -1 = none (block-sparse choices).
+        blocks: [B, h, M, K] int64 key blocks per query block ascending, then -1 (block-sparse choices).
         js: [B, h] float, sqrt of the Jensen–Shannon divergence between true and pooled block attention.
         vs_density, bs_density: [B, h] float, estimated tile density of the vertical-slash sets and of the
             block-sparse sets (``inf`` where the head is not query-aware or a row needs more than ``max_blocks``).
@@ -176,7 +181,7 @@ def vertical_slash_cover(
     """The vertical-slash sets of adaptive heads from their [B, h, Sk] scores (tensor frame, as estimated).
 
     Returns:
-        cols: [B, h, Sk] local columns ranked, -1 past the set. diag: [B, h, N] bool. density: [B, h] estimate.
+        cols: [B, h, Sk] local columns ascending, -1 past the set. diag: [B, h, N] bool. density: [B, h] estimate.
     """
     B, h, Sk = vertical.shape
     dev = vertical.device
@@ -186,7 +191,7 @@ def vertical_slash_cover(
     length = (Sk - starts)[:, None, None]
     forced_v = (c[None, None, :] < _param(specs, "force_vertical", dev)[None, :, None]) & (c < length)
     order, keep, _ = cover(local, forced_v, gamma)
-    cols = torch.where(keep, order, -1)
+    cols = positions(torch.zeros_like(keep).scatter_(-1, order, keep))
     col_tiles = (geo.per_col[:, None, :].expand(-1, h, -1).gather(-1, order) * keep).sum(-1) / BLOCK
 
     exists = (c[None, :] <= Sk - 1 - starts[:, None])[:, None, :]  # [B, 1, Sk]: offsets some query can have
@@ -200,31 +205,66 @@ def vertical_slash_cover(
     return cols, diag, (diag_tiles + col_tiles) / geo.causal[:, None]
 
 
+def pooled_queries_keys(
+    q: torch.Tensor, k: torch.Tensor, specs: list[HeadSpec], heads: list[int], kv_start: list[int]
+) -> dict[str, torch.Tensor]:
+    """What the query-aware test and the block-sparse sets read from q and k, in each sample's own block grid.
+
+    Returns:
+        pooled_q: [B, h, M, D] fp32 block means of the heads' queries from the sample's first valid row (zeros past
+            its blocks). pooled_k: [B, Hkv, N, D] fp32 block means of the keys from ``kv_start[b]`` (likewise).
+        q_mean: [B, h, D] fp32 mean of each head's last ``last_q`` valid queries.
+    """
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    dev = q.device
+    pooled_q = torch.zeros(B, len(heads), cdiv(Sq, BLOCK), D, device=dev)
+    pooled_k = torch.zeros(B, k.shape[1], cdiv(Sk, BLOCK), D, device=dev)
+    q_mean = torch.empty(B, len(heads), D, device=dev)
+    last_q = [s.params["last_q"] for s in specs]
+    L = min(max(last_q), Sq)
+    r = torch.arange(L, device=dev)
+    in_window = r[None, :] >= L - const(last_q, dev)[:, None]  # [h, L]
+    rows = const(heads, dev)
+    for b in range(B):
+        qs = max(0, kv_start[b] - (Sk - Sq))  # first valid query row
+        mine = q[b] if len(heads) == H else q[b].index_select(0, rows)
+        pq = _mean_pool(mine[:, qs:])
+        pooled_q[b, :, : pq.shape[1]] = pq
+        pk = _mean_pool(k[b, :, kv_start[b] :])
+        pooled_k[b, :, : pk.shape[1]] = pk
+        w = (in_window & (Sq - L + r >= qs)[None, :]).float()  # [h, L] last queries that exist
+        q_mean[b] = torch.einsum("hl,hld->hd", w, mine[:, Sq - L :].float()) / w.sum(1)[:, None]
+    return {"pooled_q": pooled_q, "pooled_k": pooled_k, "q_mean": q_mean}
+
+
 def query_aware_cover(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    pooled: dict[str, torch.Tensor],
     local_vertical: torch.Tensor,
     specs: list[HeadSpec],
     heads: list[int],
+    group: int,
     scale: float,
+    q_len: int,
+    kv_len: int,
     kv_start: list[int],
     geo: _Geometry,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The query-aware test and block-sparse sets of adaptive heads, one sample at a time (each in its own grid).
 
     Args:
+        pooled: :func:`pooled_queries_keys` of the call.
+        group: query heads per KV head.
         local_vertical: [B, h, Sk] vertical scores per local column (:func:`to_local`).
     Returns:
-        js: [B, h] sqrt JS divergence. blocks: [B, h, M, K] key blocks per query block, -1 past the set.
+        js: [B, h] sqrt JS divergence. blocks: [B, h, M, K] key blocks per query block ascending, -1 past the set.
         density: [B, h] estimated tile density of the block-sparse sets, ``inf`` where the head is not query-aware
-        (``sqrt JS >= tau``; on CUDA its rows are not even ranked) or a row needs more than ``max_blocks`` blocks.
+        (``sqrt JS >= tau``; on CUDA its rows are not even ranked) or a row needs more than ``max_blocks``.
     """
-    B, H, Sq, _ = q.shape
-    Sk = k.shape[2]
-    dev = q.device
-    group = H // k.shape[1]
-    M, N = cdiv(Sq, BLOCK), cdiv(Sk, BLOCK)
-    h = len(heads)
+    pooled_q, pooled_k, q_mean = pooled["pooled_q"], pooled["pooled_k"], pooled["q_mean"]
+    B, h, M, _ = pooled_q.shape
+    N = pooled_k.shape[2]
+    dev = pooled_q.device
     max_blocks = [min(s.budget("max_blocks", N), N) for s in specs]
     K = max(max_blocks)
     blocks = torch.full((B, h, M, K), -1, dtype=torch.long, device=dev)
@@ -233,38 +273,28 @@ def query_aware_cover(
     gamma, tau, limit = _param(specs, "gamma", dev), _param(specs, "tau", dev), const(max_blocks, dev)
     sink = cdiv_tensor(_param(specs, "force_vertical", dev), BLOCK)  # [h] key blocks holding the forced first keys
     nearest = _param(specs, "force_slash", dev).clamp(min=1)
-    last_q = [s.params["last_q"] for s in specs]
-    L = min(max(last_q), Sq)
-    r = torch.arange(L, device=dev)
-    in_window = r[None, :] >= L - const(last_q, dev)[:, None]  # [h, L]
-    true = F.pad(local_vertical, (0, N * BLOCK - Sk)).unflatten(-1, (N, BLOCK)).sum(-1)  # [B, h, N]
-    _, off = query_offsets(Sq, Sk, const(kv_start, dev))
-    base = block_bases(Sq, Sk, const(kv_start, dev))
+    true = F.pad(local_vertical, (0, N * BLOCK - kv_len)).unflatten(-1, (N, BLOCK)).sum(-1)  # [B, h, N]
+    _, off = query_offsets(q_len, kv_len, const(kv_start, dev))
+    base = block_bases(q_len, kv_len, const(kv_start, dev))
     for b in range(B):
-        ks = kv_start[b]
-        qs = max(0, ks - (Sk - Sq))  # first valid query row
-        Mb, Nb = cdiv(Sq - qs, BLOCK), cdiv(Sk - ks, BLOCK)
-        pooled_k = _mean_pool(k[b, :, ks:])  # [Hkv, Nb, D]
+        qs = max(0, kv_start[b] - (kv_len - q_len))  # first valid query row
+        Mb, Nb = cdiv(q_len - qs, BLOCK), cdiv(kv_len - kv_start[b], BLOCK)
         first = off[b] + torch.arange(Mb, device=dev) * BLOCK  # local position of each query block's first row
-        window = (in_window & (Sq - L + r >= qs)[None, :]).float()  # [h, L] last queries that exist
         for kv0, kv1, sel in _kv_chunks(heads, group, Mb * Nb * 4 * 4):
             idx = const(sel, dev)
-            rows = const([heads[i] for i in sel], dev)
+            pk = pooled_k[b, kv0:kv1, :Nb]  # [kv, Nb, D]
             # Query-aware test on the last queries: their mean query against pooled keys vs. their true attention.
-            w = window.index_select(0, idx)
-            last = q[b, :, Sq - L :].index_select(0, rows).float()  # [hc, L, D]
-            q_mean = (w[..., None] * last).sum(1) / w.sum(1, keepdim=True)  # [hc, D]
-            est = (q_mean.unflatten(0, (kv1 - kv0, -1)) @ pooled_k[kv0:kv1].transpose(-1, -2)).flatten(0, 1)
-            est = torch.softmax(est.float() * scale, -1)  # [hc, Nb]
+            est = (q_mean[b].index_select(0, idx).unflatten(0, (kv1 - kv0, -1)) @ pk.transpose(-1, -2)).flatten(0, 1)
+            est = torch.softmax(est * scale, -1)  # [hc, Nb]
             got = true[b].index_select(0, idx)[:, :Nb]
             js[b, idx] = js_divergence(got / got.sum(-1, keepdim=True), est)
             query_aware = js[b, idx] < tau.index_select(0, idx)
             # Query-aware sets: per query block, softmax of pooled q·k over its causal key blocks.
-            pq = _mean_pool(q[b, :, qs:].index_select(0, rows)).unflatten(0, (kv1 - kv0, -1))  # [kv, g, Mb, D]
-            scores = (pq @ pooled_k[kv0:kv1, None].transpose(-1, -2)).flatten(0, 1).float()  # [hc, Mb, Nb]
+            pq = pooled_q[b, :, :Mb].index_select(0, idx).unflatten(0, (kv1 - kv0, -1))  # [kv, g, Mb, D]
+            scores = (pq @ pk[:, None].transpose(-1, -2)).flatten(0, 1)  # [hc, Mb, Nb]
             lo = (first[None, :] - nearest.index_select(0, idx)[:, None] + 1).clamp(min=0) // BLOCK  # [hc, Mb]
             args = (base[b, :Mb], lo, sink.index_select(0, idx), gamma.index_select(0, idx))
-            if q.is_cuda and cover_rows_triton is not None:  # rows of heads that are not query-aware are skipped
+            if scores.is_cuda and cover_rows_triton is not None:  # rows of heads that are not query-aware are skipped
                 picked, count = cover_rows_triton(scores, *args, query_aware, K, scale)
             else:
                 picked, count = cover_rows_torch(scores * scale, *args, K)
@@ -284,7 +314,7 @@ def cover_rows_torch(
         scores: [h, M, N] scaled pooled q·k. top: [M] last causal key block per row. lo: [h, M] forced from this key
             block on (own and local blocks). sink: [h] forced below this key block. gamma: [h]. K: list width.
     Returns:
-        blocks: [h, M, min(K, N)] key blocks (ranked order), -1 past the set; count: [h, M] set sizes (> K: no fit).
+        blocks: [h, M, min(K, N)] key blocks ascending, -1 past the set; count: [h, M] set sizes (> K: no fit).
     """
     j = torch.arange(scores.shape[-1], device=scores.device)
     causal = j[None, :] <= top[:, None]  # [M, N]
@@ -292,13 +322,16 @@ def cover_rows_torch(
     forced = causal & ((j >= lo[..., None]) | (j < sink[:, None, None]))
     order, keep, count = cover(p, forced, gamma[:, None, None], k=K)
     width = min(K, order.shape[-1])
-    return torch.where(keep[..., :width], order[..., :width], -1), count
+    return ascending(torch.where(keep[..., :width], order[..., :width], -1)), count
 
 
-def adaptive_sets(
+def measure(
     q: torch.Tensor, k: torch.Tensor, specs: list[HeadSpec], heads: list[int], scale: float, kv_start: list[int]
-) -> AdaptiveSets:
-    """Choose pattern and budgets of the adaptive heads of one layer call (module docstring: the rule).
+) -> dict[str, torch.Tensor]:
+    """Everything the choice of the adaptive heads of one layer call reads from q and k: the vertical and slash
+    scores ([B, h, Sk]) and :func:`pooled_queries_keys`. :func:`choose` depends on nothing else, so
+    :class:`~sparse_prefill.estimate.LayerPlan` replays it as a CUDA graph: its few hundred small kernels would
+    otherwise cost more host time to launch than the GPU spends running them.
 
     Args:
         q: [B, Hq, Sq, D] queries after RoPE; k: [B, Hkv, Sk, D] keys (the full cache, Sq <= Sk).
@@ -306,18 +339,35 @@ def adaptive_sets(
         scale: softmax scale.
         kv_start: per sample, the first valid key column (left padding), as host integers.
     """
-    Sq, Sk = q.shape[2], k.shape[2]
-    dev = q.device
-    starts = const(kv_start, dev)
-    geo = _Geometry.of(Sq, Sk, starts)
     last_q = [s.params["last_q"] for s in specs]
-    vertical, slash = vertical_slash_scores(q, k, heads, last_q, scale, starts)
-    cols, diag, vs_density = vertical_slash_cover(vertical, slash, specs, Sq, starts, geo)
-    js, blocks, bs_density = query_aware_cover(q, k, to_local(vertical, starts), specs, heads, scale, kv_start, geo)
+    vertical, slash = vertical_slash_scores(q, k, heads, last_q, scale, const(kv_start, q.device))
+    return {"vertical": vertical, "slash": slash, **pooled_queries_keys(q, k, specs, heads, kv_start)}
+
+
+def choose(
+    measured: dict[str, torch.Tensor],
+    specs: list[HeadSpec],
+    heads: list[int],
+    group: int,
+    scale: float,
+    q_len: int,
+    kv_len: int,
+    kv_start: list[int],
+) -> AdaptiveSets:
+    """Pattern and budgets of the adaptive heads of one layer call from their :func:`measure` (module docstring: the
+    rule). ``group``: query heads per KV head; the other arguments as in :func:`measure`."""
+    starts = const(kv_start, measured["vertical"].device)
+    geo = _Geometry.of(q_len, kv_len, starts)
+    vertical, slash = measured["vertical"], measured["slash"]
+    cols, diag, vs_density = vertical_slash_cover(vertical, slash, specs, q_len, starts, geo)
+    local = to_local(vertical, starts)
+    js, blocks, bs_density = query_aware_cover(
+        measured, local, specs, heads, group, scale, q_len, kv_len, kv_start, geo
+    )
 
     block_sparse = bs_density.isfinite()  # query-aware (sqrt JS < tau) and every row fits in max_blocks
     density = torch.where(block_sparse, bs_density, vs_density)
-    dense = density >= _param(specs, "dense_above", dev)[None, :]
+    dense = density >= _param(specs, "dense_above", starts.device)[None, :]
     choice = torch.where(dense, DENSE, torch.where(block_sparse, BLOCK_SPARSE, VERTICAL_SLASH))
     is_vs = choice == VERTICAL_SLASH
     return AdaptiveSets(
@@ -329,3 +379,11 @@ def adaptive_sets(
         vs_density=vs_density,
         bs_density=bs_density,
     )
+
+
+def adaptive_sets(
+    q: torch.Tensor, k: torch.Tensor, specs: list[HeadSpec], heads: list[int], scale: float, kv_start: list[int]
+) -> AdaptiveSets:
+    """:func:`choose` of :func:`measure`, with the same arguments as :func:`measure`."""
+    measured = measure(q, k, specs, heads, scale, kv_start)
+    return choose(measured, specs, heads, q.shape[1] // k.shape[1], scale, q.shape[2], k.shape[2], kv_start)

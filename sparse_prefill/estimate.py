@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import HeadSpec
-from .index import BLOCK, SparseIndex, block_bases, cdiv, make_index, query_offsets, slash_diagonals
+from .index import BLOCK, SparseIndex, ascending, block_bases, cdiv, make_index, query_offsets, slash_diagonals
 from .kernels import scores_supported, vertical_slash_scores_triton
 
 logger = logging.getLogger("sparse_prefill")
@@ -33,10 +33,11 @@ class LayerPlan:
     """One layer's head specs, grouped by pattern once: the plan half of a plan/run split.
 
     :meth:`index` builds the :class:`SparseIndex` of a call in two stages: *measure* reads q/k (vertical-slash scores,
-    block-sparse block sets), *select* turns those measurements into the index (top-k, block diagonals, sorting) and
-    depends on nothing else. What does not depend on q/k at all (dense and A-shape heads, and the whole index of a
-    layer without vertical-slash or block-sparse heads) is built once per (lengths, padding, device) and reused by
-    later calls and layers' calls of the same shape. On CUDA the select stage of a shape seen before is replayed as
+    block-sparse block sets, adaptive heads' :func:`~sparse_prefill.adaptive.measure`), *select* turns those
+    measurements into the index (top-k, block diagonals, adaptive choices, lists) and depends on nothing else. What
+    does not depend on q/k at all (dense and A-shape heads, and the whole index of a layer without vertical-slash or
+    block-sparse heads) is built once per (lengths, padding, device) and reused by later calls and layers' calls of
+    the same shape. On CUDA the select stage of a shape seen before is replayed as
     a CUDA graph (:class:`_GraphedSelect`): its hundred-odd small kernels would otherwise cost more host time to
     launch than the GPU spends running them.
     """
@@ -61,7 +62,7 @@ class LayerPlan:
         """
         B, H, Sq, _ = q.shape
         Sk = k.shape[2]
-        static = self._static_part(B, H, Sq, Sk, kv_start, q.device)
+        static = self._static_part(B, H, Sq, Sk, kv_start, scale, q.device)
         if not self.dynamic:
             return static["index"]
         measured = self._measure(q, k, scale, kv_start, static["starts"])
@@ -79,10 +80,10 @@ class LayerPlan:
         if bs_heads := self.groups.get("block_sparse"):
             out["blocks"] = block_sparse_sets(q, k, [self.heads[h] for h in bs_heads], bs_heads, scale, kv_start)
         if ad_heads := self.groups.get("adaptive"):
-            from .adaptive import adaptive_sets  # it builds on this module
+            from . import adaptive  # it builds on this module
 
-            ad = adaptive_sets(q, k, [self.heads[h] for h in ad_heads], ad_heads, scale, kv_start)
-            out.update(ad_cols=ad.cols, ad_diag=ad.diag, ad_blocks=ad.blocks, ad_choice=ad.choice)
+            ad = adaptive.measure(q, k, [self.heads[h] for h in ad_heads], ad_heads, scale, kv_start)
+            out.update({"ad_" + name: t for name, t in ad.items()})
         return out
 
     def _select(self, measured: dict[str, torch.Tensor], static: dict, Sq: int, Sk: int) -> SparseIndex:
@@ -101,22 +102,30 @@ class LayerPlan:
             blocks = torch.full((B, H, cdiv(Sq, BLOCK), 0), -1, dtype=torch.int32, device=dev)
         choice = None
         if ad_heads := self.groups.get("adaptive"):  # pattern and budgets chosen per (sample, head) from this input
+            from . import adaptive
+
+            ad_measured = {name[3:]: t for name, t in measured.items() if name.startswith("ad_")}
+            group = H // ad_measured["pooled_k"].shape[1]
+            specs = [self.heads[h] for h in ad_heads]
+            ad = adaptive.choose(ad_measured, specs, ad_heads, group, static["scale"], Sq, Sk, static["kv_start"])
             idx = const(ad_heads, dev)
-            cols.append((ad_heads, measured["ad_cols"]))
+            cols.append((ad_heads, ad.cols))
             diag = diag.clone()
-            diag[:, idx] |= measured["ad_diag"]
-            ad_blocks = measured["ad_blocks"]
+            diag[:, idx] |= ad.diag
+            ad_blocks = ad.blocks
             width = max(blocks.shape[-1], ad_blocks.shape[-1])
             blocks = F.pad(blocks, (0, width - blocks.shape[-1]), value=-1)
             blocks[:, idx, :, : ad_blocks.shape[-1]] = ad_blocks.to(blocks.dtype)
             choice = torch.full((B, H), -1, dtype=torch.long, device=dev)
-            choice[:, idx] = measured["ad_choice"]
+            choice[:, idx] = ad.choice
         index = make_index(Sq, Sk, starts, diag, _scatter_heads(B, H, cols, dev), blocks)
         index.choice = choice
         return index
 
-    def _static_part(self, B: int, H: int, Sq: int, Sk: int, kv_start: list[int], dev: torch.device) -> dict:
-        key = (B, H, Sq, Sk, tuple(kv_start), str(dev))
+    def _static_part(
+        self, B: int, H: int, Sq: int, Sk: int, kv_start: list[int], scale: float, dev: torch.device
+    ) -> dict:
+        key = (B, H, Sq, Sk, tuple(kv_start), scale, str(dev))
         if key in self._static:
             self._static.move_to_end(key)
             return self._static[key]
@@ -129,7 +138,7 @@ class LayerPlan:
             local = [self.heads[h].budget("local", Sk) for h in a_heads]
             cols.append((a_heads, _prefix(B, sink, dev)))
             diag |= slash_diagonals(_scatter_heads(B, H, [(a_heads, _prefix(B, local, dev))], dev), Sq, Sk, starts)
-        part = {"starts": starts, "diag": diag, "cols": cols}
+        part = {"starts": starts, "diag": diag, "cols": cols, "kv_start": list(kv_start), "scale": scale}
         if not self.dynamic:
             no_blocks = torch.full((B, H, cdiv(Sq, BLOCK), 0), -1, dtype=torch.long, device=dev)
             part["index"] = make_index(Sq, Sk, starts, diag, _scatter_heads(B, H, cols, dev), no_blocks)
@@ -372,7 +381,7 @@ def vertical_slash_select(vertical: torch.Tensor, slash: torch.Tensor, specs: li
     vertical.masked_fill_((local < 0)[:, None], float("-inf"))
     vertical.masked_fill_((local >= 0)[:, None] & (local[:, None] < forced_v[:, None]), float("inf"))
     cols = _topk_budget(vertical, [s.budget("vertical", Sk) for s in specs])
-    cols = torch.where(cols >= 0, cols - starts[:, None, None], -1)
+    cols = ascending(torch.where(cols >= 0, cols - starts[:, None, None], -1))
 
     offsets = torch.arange(Sk, device=dev)
     exists = (offsets[None, :] <= Sk - 1 - starts[:, None])[:, None]  # [B, 1, Sk]: offsets some query can have
@@ -461,5 +470,5 @@ def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: floa
             scores.masked_fill_(j[None, :] > top, float("-inf"))
             scores.masked_fill_((j[None, :] >= own) & (j[None, :] <= top), float("inf"))
             picked = _topk_budget(scores, [budgets[i] for i in sel], head_dim=0)
-            out[b, rows, :Mb, : picked.shape[-1]] = picked.int()
+            out[b, rows, :Mb, : picked.shape[-1]] = ascending(picked).int()
     return out

@@ -121,11 +121,25 @@ def slash_diagonals(slash: torch.Tensor, q_len: int, kv_len: int, kv_start: torc
     return out[..., :n]
 
 
-def sorted_valid(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort the valid entries of ``values`` ascending to the front of the last dim: (int32 values, int32 count)."""
-    big = torch.iinfo(torch.int32).max
-    out, _ = torch.where(valid, values.int(), big).sort(dim=-1)  # int32 throughout: the widest index is a key column
-    return out.masked_fill_(out == big, 0), valid.sum(-1, dtype=torch.int32)
+def ascending(values: torch.Tensor) -> torch.Tensor:
+    """[..., K] integers, ``-1`` for none -> each row's entries ascending, then the ``-1`` (:func:`make_index`'s
+    list format)."""
+    big = torch.iinfo(values.dtype).max
+    out = torch.where(values >= 0, values, big).sort(dim=-1).values
+    return out.masked_fill_(out == big, -1)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """[..., n] bool -> [..., n] int64: where ``mask`` is set, ascending, then ``-1``; a prefix sum, not a sort."""
+    n = mask.shape[-1]
+    slot = torch.where(mask, mask.cumsum(-1) - 1, n)  # unset entries all go to a slot past the end, then dropped
+    out = torch.full((*mask.shape[:-1], n + 1), -1, dtype=torch.long, device=mask.device)
+    return out.scatter_(-1, slot, torch.arange(n, device=mask.device).expand_as(slot))[..., :n]
+
+
+def _listed(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ascending list with ``-1`` after its entries -> (int32 entries, padding 0; int32 count)."""
+    return values.clamp(min=0).int(), (values >= 0).sum(-1, dtype=torch.int32)
 
 
 def make_index(
@@ -141,26 +155,25 @@ def make_index(
     Args:
         kv_start: [B] first valid key column per sample.
         diag_mask: [B, H, N] bool block diagonals.
-        cols: [B, H, V] int64 local key columns, unsorted, ``-1`` for none.
-        blocks: [B, H, M, K] integer key blocks per query block, unsorted, ``-1`` for none (K may be 0).
+        cols: [B, H, V] int64 local key columns, ascending then ``-1`` for none (:func:`ascending`).
+        blocks: [B, H, M, K] integer key blocks per query block, ascending then ``-1`` (K may be 0).
+
+    The lists come sorted from their producers, which know their width: sorting the widest list of the layer here
+    cost more than the rest of the index at 128K keys.
     """
-    n = diag_mask.shape[-1]
-    d = torch.arange(n, device=diag_mask.device).expand_as(diag_mask)
-    diag_idx, diag_cnt = sorted_valid(d, diag_mask)
-    col_idx, col_cnt = sorted_valid(cols, cols >= 0)
+    diag_idx, diag_cnt = _listed(positions(diag_mask))
+    col_idx, col_cnt = _listed(cols)
     _, off = query_offsets(q_len, kv_len, kv_start)
     m = torch.arange(cdiv(q_len, BLOCK), device=cols.device)
     last_row = off[:, None] + m[None, :] * BLOCK + BLOCK - 1  # [B, M]
     B, H, V = col_idx.shape
     # Search the list with its padding pushed past every position, so it is sorted end to end.
-    listed = torch.where(
-        torch.arange(V, device=cols.device) < col_cnt[..., None], col_idx.long(), torch.iinfo(torch.int64).max
-    )
+    listed = torch.where(cols >= 0, cols.long(), torch.iinfo(torch.int64).max)
     col_row_cnt = torch.searchsorted(
         listed.contiguous(), last_row[:, None, :].expand(B, H, -1).contiguous(), right=True
     )
     col_row_cnt = col_row_cnt.int()
-    blk_idx, blk_cnt = sorted_valid(blocks, blocks >= 0)
+    blk_idx, blk_cnt = _listed(blocks)
     return SparseIndex(
         q_len=q_len,
         kv_len=kv_len,

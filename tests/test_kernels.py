@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from conftest import assert_close
 
-from sparse_prefill.index import block_bases, cdiv, make_index, query_offsets, token_mask
+from sparse_prefill.index import ascending, block_bases, cdiv, make_index, query_offsets, token_mask
 from sparse_prefill.kernels import sparse_attention_triton, supports
 from sparse_prefill.reference import attention_ref, sparse_attention_torch
 
@@ -63,7 +63,8 @@ def random_index(kinds, q_len, kv_len, starts, seed=0, p_diag=0.3, n_cols=12, to
                     if m % 3 == 2:
                         pick[:] = -1  # a query block with no blocks: zeros
                     blocks[b, h, m, : pick.numel()] = pick
-    return make_index(q_len, kv_len, kv_start.to(device), diag.to(device), cols.to(device), blocks.to(device))
+    cols, blocks = ascending(cols).to(device), ascending(blocks).to(device)
+    return make_index(q_len, kv_len, kv_start.to(device), diag.to(device), cols, blocks)
 
 
 def qkv(B, H, Hkv, Sq, Sk, D, dtype, seed=0, device="cpu"):
