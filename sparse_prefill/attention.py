@@ -9,25 +9,30 @@ and picks one path per call:
   (a mask that is not causal + left padding, dropout, soft-capping, sliding window) -> SDPA (cuDNN first), or
   flash-attn where :mod:`sparse_prefill.devices` measured it faster (or ``dense_backend="flash_attn"`` asks for it);
 * ``sparse``: build the index for all heads (:func:`~sparse_prefill.estimate.build_index`) and run it on one backend:
-  the Triton kernel on CUDA, the blockwise torch path elsewhere.
+  the Triton kernel on CUDA, the blockwise torch path elsewhere. Heads that run dense on the input (configured dense,
+  or adaptive heads that chose dense for every sample) go to the dense backend instead, which is faster per tile
+  than the kernel: the whole call when every head is dense, else those heads next to the kernel (on CUDA; the torch
+  path computes them as cheaply as SDPA would).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .adaptive import CHOICES
+from .adaptive import CHOICES, DENSE
 from .config import AUTO
 from .devices import dense_backend_for, device_class, load_flash_attn, min_seq_len_for
-from .estimate import LayerPlan
-from .index import SparseIndex, tile_density
+from .estimate import LayerPlan, const
+from .index import SparseIndex, drop_heads, tile_density
 from .reference import sparse_attention_torch
 
 logger = logging.getLogger("sparse_prefill")
@@ -165,11 +170,62 @@ class LayerState:
 LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, LayerState] = weakref.WeakKeyDictionary()
 
 
+def _fastest_first(query: torch.Tensor):
+    return sdpa_kernel(_DENSE_BACKENDS, set_priority=True) if query.is_cuda else contextlib.nullcontext()
+
+
 def dense_attention(module, query, key, value, attention_mask, **kwargs):
     """Stock SDPA, with the fastest backend first on CUDA."""
-    ctx = sdpa_kernel(_DENSE_BACKENDS, set_priority=True) if query.is_cuda else contextlib.nullcontext()
-    with ctx:
+    with _fastest_first(query):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def dense_heads(plan: LayerPlan, index: SparseIndex) -> list[int]:
+    """The heads that run dense for every sample of this call: the configured dense heads and the adaptive heads that
+    chose dense (read on the host: one synchronisation per call of a layer with adaptive heads)."""
+    heads = set(plan.groups.get("dense", ()))
+    if index.choice is not None:
+        chose = (index.choice == DENSE).all(0).tolist()
+        heads.update(h for h, dense in enumerate(chose) if dense)
+    return sorted(heads)
+
+
+def dense_heads_into(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    heads: list[int],
+    scale: float,
+) -> None:
+    """Dense attention of some query heads by SDPA (fastest backend first), written into their slots of ``out``.
+
+    Args:
+        out: [B, q_len, Hq, D], the other heads' output. query, key, value, attention_mask: as for
+            :func:`sparse_prefill_attention`. heads: ascending query heads.
+    One SDPA call per KV head over its selected query heads, so K/V are never repeated.
+    """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask, causal = attention_mask, attention_mask is None
+    if causal and q_len != kv_len:  # is_causal aligns top-left; these queries are the last q_len positions
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        causal = False
+    group = query.shape[1] // key.shape[1]
+    with _fastest_first(query):
+        for kv, run in itertools.groupby(heads, lambda h: h // group):
+            run = list(run)
+            rows = slice(run[0], run[-1] + 1) if run[-1] - run[0] + 1 == len(run) else run  # a view when it can be
+            o = F.scaled_dot_product_attention(
+                query[:, rows],
+                key[:, kv : kv + 1],
+                value[:, kv : kv + 1],
+                attn_mask=mask,
+                is_causal=causal,
+                scale=scale,
+                enable_gqa=True,
+            )
+            out[:, :, rows] = o.transpose(1, 2)
 
 
 def flash_unsupported(query, key, attention_mask, kwargs: dict) -> str:
@@ -279,8 +335,16 @@ def sparse_prefill_attention(
     # Triton launches on the current CUDA device: make it this layer's (a model split by device_map spans several).
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
         index = state.plan.index(query, key, scale, kv_start)
-        out = run(query, key, value, index, scale)
-    record.path, record.reason, record.index = "sparse", "", index
+        heads = dense_heads(state.plan, index)
+        if len(heads) == query.shape[1]:
+            record.reason = "every head dense on this input: the dense backend ran"
+            out, _ = dense()
+        elif heads and run is not sparse_attention_torch:
+            out = run(query, key, value, drop_heads(index, const(heads, query.device)), scale)
+            dense_heads_into(out, query, key, value, attention_mask, heads, scale)
+        else:
+            out = run(query, key, value, index, scale)
+    record.path, record.index = "sparse", index
     record.specs = [h.pattern for h in state.plan.heads]
     return out, None
 

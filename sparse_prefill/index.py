@@ -84,6 +84,20 @@ class SparseIndex:
         return cdiv(self.kv_len, BLOCK)
 
 
+def drop_heads(index: SparseIndex, heads: torch.Tensor) -> SparseIndex:
+    """The index with nothing to compute for ``heads`` (int64 [n] on its device): their output rows come out zero,
+    for heads that are computed elsewhere."""
+    clear = lambda t: t.index_fill(1, heads, 0)  # noqa: E731
+    return dataclasses.replace(
+        index,
+        diag_mask=clear(index.diag_mask),
+        diag_cnt=clear(index.diag_cnt),
+        col_cnt=clear(index.col_cnt),
+        col_row_cnt=clear(index.col_row_cnt),
+        blk_cnt=clear(index.blk_cnt),
+    )
+
+
 def query_offsets(q_len: int, kv_len: int, kv_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample: the first valid query row and its local position. Both [B] int64."""
     first_pos = kv_len - q_len - kv_start.long()

@@ -139,6 +139,30 @@ def test_empty_rows_are_zero():
     assert out.isfinite().all()
 
 
+@pytest.mark.parametrize("dense", [[1, 3, 4], [1, 3, 5]])  # KV head 1's dense heads: a slice, then a gather
+def test_dense_heads_on_sdpa_next_to_the_kernel(dense):
+    """Heads dropped from the index (zeros from the kernel) and computed by SDPA, one call per KV head, give the
+    whole index's attention; also with left padding (its bool mask) and chunked prefill (q_len < kv_len)."""
+    from sparse_prefill.attention import dense_heads_into
+    from sparse_prefill.index import drop_heads
+
+    kinds = ["dense" if h in dense else ("vs", "blocks")[h % 2] for h in range(6)]
+    q_len, kv_len, starts = 192, 320, [0, 70]  # block-aligned chunk: the index's "dense" is exactly causal
+    index = random_index(kinds, q_len, kv_len, starts, seed=4, device=DEV)
+    q, k, v = qkv(2, 6, 2, q_len, kv_len, 64, dt(torch.float32), 4, DEV)
+    out = sparse_attention_triton(q, k, v, drop_heads(index, torch.tensor(dense, device=DEV)), 0.125)
+    assert (out[:, :, dense] == 0).all()
+    j = torch.arange(kv_len, device=DEV)
+    causal = j[None, :] <= kv_len - q_len + torch.arange(q_len, device=DEV)[:, None]
+    mask = causal[None, None] & (j >= torch.tensor(starts, device=DEV)[:, None])[:, None, None]
+    for attention_mask in (mask, None):
+        dense_heads_into(out, q, k, v, attention_mask, dense, 0.125)
+        if attention_mask is not None:
+            assert_close(out, attention_ref(q, k, v, token_mask(index), 0.125), ATOL[q.dtype], 1e-3)
+    # Without a mask the keys before kv_start count too (no padding): sample 0 has none, so it is unchanged.
+    assert_close(out[0], attention_ref(q, k, v, token_mask(index), 0.125)[0], ATOL[q.dtype], 1e-3)
+
+
 def test_strided_views_and_out_buffer():
     """q/k/v as transposed [B, S, H, D] views (what transformers hands over), written into a given buffer."""
     index = random_index(["vs", "blocks"], 100, 100, [0, 20], seed=2, device=DEV)

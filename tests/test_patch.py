@@ -208,6 +208,16 @@ def test_adaptive_mode_needs_no_config(kind):
     assert_close(logits(model, IDS), dense, 1e-4, 1e-4)
 
 
+def test_adaptive_heads_that_all_choose_dense_run_the_dense_backend():
+    model = tiny_model()
+    dense = logits(model, IDS)
+    patch_model(model, config_for(model, pattern="adaptive", dense_above=0.01))
+    got = logits(model, IDS)
+    assert {p for r in last_report(model) for p in r.patterns} == {"adaptive:dense"}
+    assert all(r.reason.startswith("every head dense") for r in last_report(model))
+    assert torch.equal(got, dense)  # stock SDPA itself, not the index's every-diagonal dense on the sparse path
+
+
 def test_config_with_adaptive_heads_and_overrides():
     model = tiny_model()
     info = adapter_for(model).model_info(model)
@@ -303,12 +313,16 @@ def test_smollm2_sparse_answers_the_passkey(smollm2, passkey):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_kernel_path_matches_the_torch_path(dtype):
+@pytest.mark.parametrize("dense", [(), (1, 2)])  # dense heads run on SDPA next to the kernel, one call per KV head
+def test_gpu_kernel_path_matches_the_torch_path(dtype, dense):
     model = tiny_model(head_dim=64).to("cuda", dtype)  # the kernels take head_dim 64 and 128
     ids = torch.randint(0, 128, (2, 700), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :90] = 0
-    config = config_for(model, **SPARSE)
+    config = config_for(model, **SPARSE).to_dict()
+    for heads in config["layers"]:
+        for h in dense:
+            heads[h] = {"pattern": "dense"}
     patch_model(model, config, backend="torch")
     want = logits(model, ids, attention_mask=mask)
     patch_model(model, config)  # auto: the Triton kernel on CUDA
