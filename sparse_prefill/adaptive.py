@@ -39,7 +39,8 @@ alone, so on CUDA it is replayed as a CUDA graph (at 128K keys on an H200 the in
 batched on the device of q/k with no host synchronisation: budgets that differ per (sample, head, row)
 are masks over one ranking (sort / ``topk`` + ``cumsum``), never ``.item()``. On CUDA the block-sparse rows come from
 a Triton kernel (:mod:`sparse_prefill.kernels.cover_rows`) that returns at once for heads whose test said
-vertical-slash, so only query-aware heads pay for ranking their rows; the torch path (CPU, and the kernel's
+vertical-slash, and so do their pooled scores (:mod:`sparse_prefill.kernels.pooled`), so only query-aware heads pay for
+scoring and ranking their rows; the torch path (CPU, and the kernel's
 reference) ranks every head. Memory follows the static estimators: the last queries' probabilities one KV head run
 at a time (inside ``vertical_slash_scores``), pooled block scores [heads of a KV-head run, M, N] one sample at a time,
 block means of q and k (fp32, 1/32 of their bf16 size), [B, h, Sk] for the column ranking and [B, h, M, max_blocks]
@@ -67,8 +68,18 @@ import torch.nn.functional as F
 
 from .config import UNIT, HeadSpec
 from .estimate import _kv_chunks, _mean_pool, block_diagonal_mass, const, vertical_slash_scores
-from .kernels import cover_rows_triton
-from .index import BLOCK, ascending, block_bases, cdiv, cdiv_tensor, positions, query_offsets, slash_diagonals
+from .kernels import cover_rows_triton, pooled_scores_triton
+from .index import (
+    BLOCK,
+    ascending,
+    block_bases,
+    cdiv,
+    cdiv_tensor,
+    cumsum,
+    positions,
+    query_offsets,
+    slash_diagonals,
+)
 
 CHOICES = ("vertical_slash", "block_sparse", "dense")  # codes of AdaptiveSets.choice
 VERTICAL_SLASH, BLOCK_SPARSE, DENSE = range(len(CHOICES))
@@ -121,7 +132,7 @@ def cover(
     key = mass.masked_fill(forced, float("inf"))
     order = key.argsort(dim=-1, descending=True) if k is None else key.topk(width, dim=-1).indices
     ranked = mass.gather(-1, order)
-    before = F.pad(ranked.cumsum(-1), (1, 0))[..., :-1]  # mass of the entries ranked above each one
+    before = F.pad(cumsum(ranked), (1, 0))[..., :-1]  # mass of the entries ranked above each one
     short = (before < gamma * total) | (gamma >= 1)  # gamma 1: every entry with mass, whatever the rounding
     keep = forced.gather(-1, order) | (short & (ranked > 0))
     return order, keep, keep.sum(-1)
@@ -134,14 +145,20 @@ def _param(specs: list[HeadSpec], name: str, device) -> torch.Tensor:
 
 @dataclass
 class _Geometry:
-    """Tile counts of one call, per sample, for estimating a set's density without building its index."""
+    """One call's lengths and left padding, and its tile counts per sample, for estimating a set's density without
+    building its index."""
 
+    q_len: int
+    kv_len: int
+    kv_start: list[int]  # per sample, the first valid key column, as host integers
+    starts: torch.Tensor  # the same, [B] on the device
     causal: torch.Tensor  # [B] causal tiles (query blocks × key blocks at or before them), as tile_density counts
     per_diag: torch.Tensor  # [B, N] tiles of block diagonal d
     per_col: torch.Tensor  # [B, Sk] query blocks that see local column c
 
     @classmethod
-    def of(cls, q_len: int, kv_len: int, starts: torch.Tensor) -> _Geometry:
+    def of(cls, q_len: int, kv_len: int, kv_start: list[int], device) -> _Geometry:
+        starts = const(kv_start, device)
         q_start, off = query_offsets(q_len, kv_len, starts)
         M, N = cdiv(q_len, BLOCK), cdiv(kv_len, BLOCK)
         m = torch.arange(M, device=starts.device)
@@ -157,7 +174,7 @@ class _Geometry:
         last_row = (off[:, None] + m[None, :] * BLOCK + BLOCK - 1).contiguous()
         c = torch.arange(kv_len, device=starts.device).expand(len(starts), -1).contiguous()
         per_col = (n_rows[:, None] - torch.searchsorted(last_row, c)).clamp(min=0)
-        return cls(causal.float(), per_diag.float(), per_col.float())
+        return cls(q_len, kv_len, list(kv_start), starts, causal.float(), per_diag.float(), per_col.float())
 
 
 def to_local(x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
@@ -176,7 +193,7 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def vertical_slash_cover(
-    vertical: torch.Tensor, slash: torch.Tensor, specs: list[HeadSpec], q_len: int, starts: torch.Tensor, geo: _Geometry
+    vertical: torch.Tensor, slash: torch.Tensor, specs: list[HeadSpec], geo: _Geometry
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The vertical-slash sets of adaptive heads from their [B, h, Sk] scores (tensor frame, as estimated).
 
@@ -185,6 +202,7 @@ def vertical_slash_cover(
     """
     B, h, Sk = vertical.shape
     dev = vertical.device
+    q_len, starts = geo.q_len, geo.starts
     gamma = _param(specs, "gamma", dev)[None, :, None]
     local = to_local(vertical, starts)
     c = torch.arange(Sk, device=dev)
@@ -245,9 +263,6 @@ def query_aware_cover(
     heads: list[int],
     group: int,
     scale: float,
-    q_len: int,
-    kv_len: int,
-    kv_start: list[int],
     geo: _Geometry,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The query-aware test and block-sparse sets of adaptive heads, one sample at a time (each in its own grid).
@@ -262,6 +277,7 @@ def query_aware_cover(
         (``sqrt JS >= tau``; on CUDA its rows are not even ranked) or a row needs more than ``max_blocks``.
     """
     pooled_q, pooled_k, q_mean = pooled["pooled_q"], pooled["pooled_k"], pooled["q_mean"]
+    q_len, kv_len, kv_start = geo.q_len, geo.kv_len, geo.kv_start
     B, h, M, _ = pooled_q.shape
     N = pooled_k.shape[2]
     dev = pooled_q.device
@@ -274,8 +290,8 @@ def query_aware_cover(
     sink = cdiv_tensor(_param(specs, "force_vertical", dev), BLOCK)  # [h] key blocks holding the forced first keys
     nearest = _param(specs, "force_slash", dev).clamp(min=1)
     true = F.pad(local_vertical, (0, N * BLOCK - kv_len)).unflatten(-1, (N, BLOCK)).sum(-1)  # [B, h, N]
-    _, off = query_offsets(q_len, kv_len, const(kv_start, dev))
-    base = block_bases(q_len, kv_len, const(kv_start, dev))
+    _, off = query_offsets(q_len, kv_len, geo.starts)
+    base = block_bases(q_len, kv_len, geo.starts)
     for b in range(B):
         qs = max(0, kv_start[b] - (kv_len - q_len))  # first valid query row
         Mb, Nb = cdiv(q_len - qs, BLOCK), cdiv(kv_len - kv_start[b], BLOCK)
@@ -290,13 +306,14 @@ def query_aware_cover(
             js[b, idx] = js_divergence(got / got.sum(-1, keepdim=True), est)
             query_aware = js[b, idx] < tau.index_select(0, idx)
             # Query-aware sets: per query block, softmax of pooled q·k over its causal key blocks.
-            pq = pooled_q[b, :, :Mb].index_select(0, idx).unflatten(0, (kv1 - kv0, -1))  # [kv, g, Mb, D]
-            scores = (pq @ pk[:, None].transpose(-1, -2)).flatten(0, 1)  # [hc, Mb, Nb]
+            pq = pooled_q[b, :, :Mb].index_select(0, idx)  # [hc, Mb, D]
             lo = (first[None, :] - nearest.index_select(0, idx)[:, None] + 1).clamp(min=0) // BLOCK  # [hc, Mb]
             args = (base[b, :Mb], lo, sink.index_select(0, idx), gamma.index_select(0, idx))
-            if scores.is_cuda and cover_rows_triton is not None:  # rows of heads that are not query-aware are skipped
+            if pq.is_cuda and cover_rows_triton is not None:  # heads that are not query-aware are skipped
+                scores = pooled_scores_triton(pq, pk, base[b, :Mb], query_aware)
                 picked, count = cover_rows_triton(scores, *args, query_aware, K, scale)
             else:
+                scores = (pq.unflatten(0, (kv1 - kv0, -1)) @ pk[:, None].transpose(-1, -2)).flatten(0, 1)
                 picked, count = cover_rows_torch(scores * scale, *args, K)
             blocks[b, idx, :Mb, : picked.shape[-1]] = picked
             fits = (count <= limit.index_select(0, idx)[:, None]).all(-1) & query_aware
@@ -356,18 +373,15 @@ def choose(
 ) -> AdaptiveSets:
     """Pattern and budgets of the adaptive heads of one layer call from their :func:`measure` (module docstring: the
     rule). ``group``: query heads per KV head; the other arguments as in :func:`measure`."""
-    starts = const(kv_start, measured["vertical"].device)
-    geo = _Geometry.of(q_len, kv_len, starts)
+    geo = _Geometry.of(q_len, kv_len, kv_start, measured["vertical"].device)
     vertical, slash = measured["vertical"], measured["slash"]
-    cols, diag, vs_density = vertical_slash_cover(vertical, slash, specs, q_len, starts, geo)
-    local = to_local(vertical, starts)
-    js, blocks, bs_density = query_aware_cover(
-        measured, local, specs, heads, group, scale, q_len, kv_len, kv_start, geo
-    )
+    cols, diag, vs_density = vertical_slash_cover(vertical, slash, specs, geo)
+    local = to_local(vertical, geo.starts)
+    js, blocks, bs_density = query_aware_cover(measured, local, specs, heads, group, scale, geo)
 
     block_sparse = bs_density.isfinite()  # query-aware (sqrt JS < tau) and every row fits in max_blocks
     density = torch.where(block_sparse, bs_density, vs_density)
-    dense = density >= _param(specs, "dense_above", starts.device)[None, :]
+    dense = density >= _param(specs, "dense_above", geo.starts.device)[None, :]
     choice = torch.where(dense, DENSE, torch.where(block_sparse, BLOCK_SPARSE, VERTICAL_SLASH))
     is_vs = choice == VERTICAL_SLASH
     return AdaptiveSets(

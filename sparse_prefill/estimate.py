@@ -23,8 +23,18 @@ import torch
 import torch.nn.functional as F
 
 from .config import HeadSpec
-from .index import BLOCK, SparseIndex, ascending, block_bases, cdiv, make_index, query_offsets, slash_diagonals
-from .kernels import scores_supported, vertical_slash_scores_triton
+from .index import (
+    BLOCK,
+    SparseIndex,
+    ascending,
+    block_bases,
+    cdiv,
+    cumsum,
+    make_index,
+    query_offsets,
+    slash_diagonals,
+)
+from .kernels import mean_pool_triton, pooled_supported, scores_supported, vertical_slash_scores_triton
 
 logger = logging.getLogger("sparse_prefill")
 
@@ -426,7 +436,7 @@ def block_diagonal_mass(slash: torch.Tensor, q_len: int, kv_len: int, starts: to
     first = r + torch.arange(BLOCK, device=slash.device)[None, None, :] - BLOCK * t  # [B, N, BLOCK]: highest offset
     hi = (first + 1).clamp(0, Sk)  # exclusive end in the prefix sums
     lo = torch.minimum((first - (BLOCK - 1)).clamp(0, Sk), hi)
-    prefix = F.pad(slash, (1, 0)).cumsum_(-1)  # [B, h, Sk + 1]
+    prefix = cumsum(F.pad(slash, (1, 0)))  # [B, h, Sk + 1]
     take = lambda x: prefix.gather(-1, x.flatten(1)[:, None, :].expand(-1, h, -1))  # noqa: E731
     return ((take(hi) - take(lo)).view(B, h, n, BLOCK).sum(-1) / BLOCK).float()
 
@@ -434,7 +444,9 @@ def block_diagonal_mass(slash: torch.Tensor, q_len: int, kv_len: int, starts: to
 def _mean_pool(x: torch.Tensor) -> torch.Tensor:
     """[h, S, D] -> [h, cdiv(S, BLOCK), D] fp32 means over BLOCK rows (the last block over the rows it has).
 
-    Sums in fp32 straight from x: no fp32 or padded copy of it."""
+    Sums in fp32 straight from x: no fp32 or padded copy of it. On CUDA a Triton kernel does it in one pass."""
+    if pooled_supported(x):
+        return mean_pool_triton(x)
     S = x.shape[1]
     full = S // BLOCK
     sums = x[:, : full * BLOCK].unflatten(1, (full, BLOCK)).sum(2, dtype=torch.float32)

@@ -92,3 +92,13 @@ def test_column_counts_per_query_block_ignore_list_padding():
     diag = torch.ones(1, 2, 4, dtype=torch.bool)
     index = make_index(256, 256, torch.tensor([0]), diag, cols, torch.zeros(1, 2, 4, 0, dtype=torch.long))
     assert index.col_row_cnt[0].tolist() == [[1, 2, 2, 2], [2, 3, 5, 5]]
+
+
+@pytest.mark.parametrize("n,chunk", [(1000, 64), (64, 64), (5, 8)])
+def test_chunked_cumsum_is_a_cumsum(n, chunk):
+    from sparse_prefill.index import chunked_cumsum
+
+    x = torch.rand(2, 3, n, generator=torch.Generator().manual_seed(n))
+    assert_close(chunked_cumsum(x, chunk), x.cumsum(-1), 1e-4, 1e-6)
+    mask = x > 0.5
+    assert torch.equal(chunked_cumsum(mask, chunk), mask.cumsum(-1))

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 try:
     from .cover_rows import cover_rows_triton
+    from .pooled import mean_pool_triton, pooled_scores_triton, pooled_supported
     from .sparse_attention import sparse_attention_triton, supports
     from .vs_scores import scores_supported, vertical_slash_scores_triton
 except ImportError as err:  # no triton on this platform
     _reason = f"triton unavailable: {err}"
-    cover_rows_triton = None  # callers fall back to torch
+    cover_rows_triton = mean_pool_triton = pooled_scores_triton = None  # callers fall back to torch
+
+    def pooled_supported(x) -> bool:
+        return False
 
     def supports(q, k) -> str | None:
         return _reason
@@ -24,6 +28,9 @@ except ImportError as err:  # no triton on this platform
 
 __all__ = [
     "cover_rows_triton",
+    "mean_pool_triton",
+    "pooled_scores_triton",
+    "pooled_supported",
     "scores_supported",
     "sparse_attention_triton",
     "supports",

@@ -1,0 +1,104 @@
+"""Triton kernels for block-mean (pooled) estimates: the block means of q or k, and the pooled q·k scores.
+
+FlexPrefill's query-aware test and block lists read mean-pooled q·k: the means of each BLOCK rows of queries and of
+keys, and their dot products. In torch the means are a strided reduction and the scores an fp32 GEMM over every head
+and every (query block, key block) pair. Here the means are one pass at memory speed, and the scores skip the heads
+whose flag is 0 (not query-aware on this input: the flag is read on the device, so no host sync) and the key blocks
+past each query block's causal reach, whose scores nothing reads. The scores use 3xTF32 tensor-core products, within
+fp32 rounding of the fp32 GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .sparse_attention import _INTERPRET
+
+BLOCK = 64  # rows per mean: the index's block size
+
+
+@triton.jit
+def _mean_pool(X, Out, S, stride_xh, stride_xs, stride_oh, stride_on, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    h = tl.program_id(0)
+    n = tl.program_id(1)
+    rows = n * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, HEAD_DIM)
+    x = tl.load(X + h.to(tl.int64) * stride_xh + rows.to(tl.int64)[:, None] * stride_xs + d[None, :],
+                mask=(rows < S)[:, None], other=0.0)
+    count = tl.minimum(S - n * BLOCK, BLOCK).to(tl.float32)
+    tl.store(Out + h.to(tl.int64) * stride_oh + n * stride_on + d, tl.sum(x.to(tl.float32), 0) / count)
+
+
+@triton.jit
+def _pooled_scores(PQ, PK, Out, top_ptr, flag_ptr, M, N, GROUP,
+                   stride_qh, stride_qm, stride_kh, stride_kn, stride_oh, stride_om,
+                   BM: tl.constexpr, BN: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    # Grid (query-block tiles, key-block tiles, heads).
+    i = tl.program_id(2)
+    if tl.load(flag_ptr + i) == 0:
+        return
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    reach = tl.load(top_ptr + tl.minimum(tl.program_id(0) * BM + BM - 1, M - 1))  # the tile's last row sees most
+    if tl.program_id(1) * BN > reach:
+        return
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(PQ + i.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + d[None, :],
+                mask=(offs_m < M)[:, None], other=0.0)
+    k = tl.load(PK + (i // GROUP).to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + d[None, :],
+                mask=(offs_n < N)[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    tl.store(Out + i.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_n[None, :], s,
+             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def pooled_supported(x: torch.Tensor) -> bool:
+    """Whether the estimators should use these kernels for a q/k like ``x`` (else torch pools and multiplies)."""
+    D = x.shape[-1]
+    return x.is_cuda and 16 <= D <= 256 and D & (D - 1) == 0
+
+
+def mean_pool_triton(x: torch.Tensor) -> torch.Tensor:
+    """Block means of rows.
+
+    Arguments:
+        x: (nheads, seqlen, headdim) fp16/bf16/fp32, unit stride on headdim.
+    Return:
+        (nheads, cdiv(seqlen, 64), headdim) fp32: the mean of each 64 rows (the last block over the rows it has).
+    """
+    H, S, D = x.shape
+    out = torch.empty(H, triton.cdiv(S, BLOCK), D, dtype=torch.float32, device=x.device)
+    if out.numel():
+        _mean_pool[(H, out.shape[1])](
+            x, out, S, x.stride(0), x.stride(1), out.stride(0), out.stride(1), BLOCK=BLOCK, HEAD_DIM=D, num_warps=4
+        )
+    return out
+
+
+def pooled_scores_triton(pq: torch.Tensor, pk: torch.Tensor, top: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    """Pooled q·k of flagged heads over their causal key blocks.
+
+    Arguments:
+        pq: (nheads, nrows, headdim) fp32 pooled queries; pk: (nheads_k, nblocks, headdim) fp32 pooled keys, with
+            nheads a multiple of nheads_k (head i reads KV head i // (nheads / nheads_k)); unit stride on headdim.
+        top: (nrows,) int, the last causal key block of each row, ascending.
+        flag: (nheads,) int or bool: heads with 0 are skipped.
+    Return:
+        (nheads, nrows, nblocks) fp32 unscaled scores. Entries of skipped heads and past ``top`` (up to the tile of
+        64 key blocks holding it) are left uninitialised: readers must mask them.
+    """
+    H, M, D = pq.shape
+    N = pk.shape[1]
+    out = torch.empty(H, M, N, dtype=torch.float32, device=pq.device)
+    if out.numel() == 0:
+        return out
+    BM = BN = 64
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), H)
+    _pooled_scores[grid](
+        pq, pk, out, top.to(torch.int32).contiguous(), flag.to(torch.int32).contiguous(), M, N, H // pk.shape[0],
+        pq.stride(0), pq.stride(1), pk.stride(0), pk.stride(1), out.stride(0), out.stride(1),
+        BM=BM, BN=BN, HEAD_DIM=D, PREC="ieee" if _INTERPRET else "tf32x3", num_warps=4,
+    )
+    return out
