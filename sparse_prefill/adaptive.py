@@ -19,6 +19,10 @@ package's index format). On every prefill call, for each sample and head:
      (:func:`~sparse_prefill.estimate.block_diagonal_mass`: the kernel computes slashes as whole block diagonals),
      each to ``gamma`` of its own total. Forced: the first ``force_vertical`` columns (attention sinks) and the block
      diagonals of the ``max(1, force_slash)`` nearest offsets (the local window, and always the own diagonal block).
+     Both reach ``gamma`` of the attention the sinks leave: with ``s`` the sinks' share of ``v``, ``s + gamma (1 -
+     s)`` of their totals. Many heads put 90-99 % of their attention on the first token, whose value is near zero;
+     ``gamma`` of the whole is then met by the sinks (and the diagonals they fall on) alone, dropping the keys that
+     carry the output (on SmolLM2 this lost the 8K multi-key needle).
    * block-sparse: per query block, key blocks ranked by the softmax of pooled q·k over its causal key blocks.
      Forced: the blocks of the first ``force_vertical`` keys and of the ``max(1, force_slash)`` keys nearest to
      the block's rows (so its own diagonal blocks). A row may keep at most ``max_blocks`` key blocks (this sizes the
@@ -50,13 +54,8 @@ Defaults (:data:`~sparse_prefill.config.PATTERN_DEFAULTS`): ``gamma`` 0.9 and ``
 (its JS also uses natural logs); ``last_q`` 128 estimation queries (with the static default, 64, SmolLM2's 4K KL to
 dense was 3x higher); the forced minimum (64 sink keys, 128 nearest diagonals) is MInference's floor rounded to whole
 blocks; ``dense_above`` 0.8 sends a head dense when its sets would cost at least 80 % of dense anyway; ``max_blocks``
-0.125 bounds the block lists (on SmolLM2, 0.25 chose the same patterns). Measured on SmolLM2-135M
-(``benchmarks/results/eval_adaptive/``): ``gamma`` 0.95 answers every 4K and 8K task as dense does, at tile density
-0.61 / 0.44 (the calibrated config: 0.47 / 0.43); 0.9 is sparser (0.49 / 0.34) but loses the 8K multi-key needle.
-The mass criterion does not see values: many mid/late-layer heads put ~90-99 % of their attention on the first
-token, whose value is near zero, so gamma is met by the sink alone while the remaining attention, which carries the
-output, is covered only where the last queries look. Calibration measures those heads over many rows and samples and
-makes them dense.
+0.125 bounds the block lists (on SmolLM2, 0.25 chose the same patterns). Measured on SmolLM2-135M:
+``benchmarks/results/eval_adaptive/`` and the README.
 """
 
 from __future__ import annotations
@@ -208,6 +207,10 @@ def vertical_slash_cover(
     c = torch.arange(Sk, device=dev)
     length = (Sk - starts)[:, None, None]
     forced_v = (c[None, None, :] < _param(specs, "force_vertical", dev)[None, :, None]) & (c < length)
+    # gamma of the attention the sinks leave, for columns and diagonals: heads that put 90-99 % of it on the first
+    # token (whose value is near zero) would meet gamma of the whole with the sinks alone.
+    sinks = (local * forced_v).sum(-1, keepdim=True) / local.sum(-1, keepdim=True).clamp(min=1e-30)
+    gamma = torch.where(gamma >= 1, 1.0, sinks + gamma * (1 - sinks))  # [B, h, 1]
     order, keep, _ = cover(local, forced_v, gamma)
     cols = positions(torch.zeros_like(keep).scatter_(-1, order, keep))
     col_tiles = (geo.per_col[:, None, :].expand(-1, h, -1).gather(-1, order) * keep).sum(-1) / BLOCK

@@ -57,11 +57,12 @@ PATTERN_DEFAULTS: dict[str, dict[str, int | float | str]] = {
     # top-k key blocks per query block from mean-pooled q·k.
     "block_sparse": {"top_k": 100},
     # No fixed pattern: per call, sample and head, vertical-slash or query-aware block-sparse (or dense), with the
-    # fewest columns / diagonals / blocks whose estimated attention mass reaches `gamma` (sparse_prefill.adaptive,
-    # after FlexPrefill). Block-sparse when sqrt(JS) of the last `last_q` queries' true block attention and its
-    # pooled q·k estimate is below `tau`; dense when the sets' estimated tile density reaches `dense_above`. The
-    # first `force_vertical` keys and the `force_slash` nearest diagonals are always kept; a block-sparse row keeps
-    # at most `max_blocks` key blocks (a head whose rows need more is not block-sparse).
+    # fewest columns / diagonals / blocks whose estimated attention mass reaches `gamma` (for columns: of the mass the
+    # sinks leave) (sparse_prefill.adaptive, after FlexPrefill). Block-sparse when sqrt(JS) of the last `last_q`
+    # queries' true block attention and its pooled q·k estimate is below `tau`; dense when the sets' estimated tile
+    # density reaches `dense_above`. The first `force_vertical` keys and the `force_slash` nearest diagonals are
+    # always kept; a block-sparse row keeps at most `max_blocks` key blocks (a head whose rows need more is not
+    # block-sparse).
     "adaptive": {
         "gamma": 0.9,
         "tau": 0.1,

@@ -144,12 +144,14 @@ def adaptive_head(q, k, b, h, spec, scale, start):
 
     # Vertical-slash sets and their tile estimate.
     vertical, slash = vertical_slash_scores(q, k, h, b, p["last_q"], scale, start)
-    cols = cover_set(
-        {c: float(vertical[c]) for c in range(length)}, set(range(min(p["force_vertical"], length))), p["gamma"]
-    )
+    sinks = set(range(min(p["force_vertical"], length)))
+    total = sum(float(vertical[c]) for c in range(length))
+    share = sum(float(vertical[c]) for c in sinks) / total if total > 0 else 0.0
+    gamma = 1.0 if p["gamma"] >= 1 else share + p["gamma"] * (1 - share)  # of the attention the sinks leave
+    cols = cover_set({c: float(vertical[c]) for c in range(length)}, sinks, gamma)
     dmass = {d: m for d, m in block_mass(slash, Sq, Sk, start).items() if 0 <= d < nb}
     forced = {d for d in slash_block_diagonals(range(nearest), Sq, Sk, start) if 0 <= d < n}
-    diags = cover_set(dmass, forced, p["gamma"])
+    diags = cover_set(dmass, forced, gamma)
     tiles = sum(sum(1 for x in base if x >= d) for d in diags if d < nb)
     tiles += sum(sum(1 for r in last_row if r >= c) for c in cols) / BLOCK
     vs_density = tiles / causal

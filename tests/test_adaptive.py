@@ -42,6 +42,23 @@ def test_cover_keeps_the_fewest_entries_that_reach_gamma():
     assert torch.equal(keep_k[fits], keep[fits, :7])
 
 
+@pytest.mark.parametrize("gamma,want", [(0.9, [0, 100, 200]), (1.0, [0, 100, 200, 300])])
+def test_a_heavy_sink_leaves_gamma_to_the_rest(gamma, want):
+    """95 % of the last queries' attention on the sink: gamma 0.9 of the whole would keep the sink alone; the columns
+    reach 0.95 + 0.9 x 0.05 instead (gamma 1: every column with mass)."""
+    from sparse_prefill.adaptive import _Geometry, vertical_slash_cover
+
+    S = 512
+    vertical = torch.zeros(1, 1, S)
+    vertical[0, 0, [0, 100, 200, 300]] = torch.tensor([0.95, 0.036, 0.01, 0.004])
+    slash = torch.zeros(1, 1, S)
+    slash[0, 0, :8] = 0.125  # 94.5 % on the own (forced) block diagonal, 5.5 % on the next one
+    head = spec("adaptive", gamma=gamma, force_vertical=1, force_slash=1)
+    cols, diag, _ = vertical_slash_cover(vertical, slash, [head], _Geometry.of(S, S, [0], "cpu"))
+    assert cols[0, 0][cols[0, 0] >= 0].tolist() == want
+    assert diag[0, 0].nonzero().flatten().tolist() == [0, 1]  # the diagonals reach 0.995 of theirs too
+
+
 def check_against_loops(q, k, heads, scale, starts, tol=1e-4):
     """Every (sample, adaptive head) of a build_index call chose what the loop reference chooses, with its sets."""
     index = build_index(q, k, heads, scale, starts)
@@ -134,9 +151,10 @@ def test_synthetic_heads_choose_their_pattern(kv_len, q_len):
     assert [CHOICES[c] for c in index.choice[0].tolist()] == ["vertical_slash", "block_sparse", "dense"]
     ad = adaptive_sets(q, k, heads, [0, 1, 2], 64**-0.5, [0])
     assert ad.js[0, 0] > 0.3 and ad.js[0, 1] < 0.1
-    # The structured heads need few entries: the sinks, the hot key and the local columns of the last queries, the
-    # local diagonals (and the ones that meet the hot keys from the last query block); the topic's blocks.
-    assert index.col_cnt[0, 0] <= 16 and index.diag_mask[0, 0].sum() <= 5
+    # The structured heads need few entries: the sinks, the hot key and the local columns of the last queries (to
+    # gamma of what the sinks leave), the local diagonals (and the ones that meet the hot keys from the last query
+    # block); the topic's blocks.
+    assert index.col_cnt[0, 0] <= 24 and index.diag_mask[0, 0].sum() <= 5
     assert ad.vs_density[0, 0] < 0.3 and ad.bs_density[0, 1] < 0.4
 
 
