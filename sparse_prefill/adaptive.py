@@ -40,15 +40,14 @@ The work is split as :class:`~sparse_prefill.estimate.LayerPlan`'s stages: :func
 scores of step 1, block means of q and k, the last queries' mean query), :func:`choose` does the rest from those
 alone, so on CUDA it is replayed as a CUDA graph (at 128K keys on an H200 the index of a Llama-3-8B layer went from
 26 to 8 ms: launching its kernels one by one cost more host time than the GPU spent running them). Everything is
-batched on the device of q/k with no host synchronisation: budgets that differ per (sample, head, row)
-are masks over one ranking (sort / ``topk`` + ``cumsum``), never ``.item()``. On CUDA the block-sparse rows come from
-a Triton kernel (:mod:`sparse_prefill.kernels.cover_rows`) that returns at once for heads whose test said
-vertical-slash, and so do their pooled scores (:mod:`sparse_prefill.kernels.pooled`), so only query-aware heads pay for
-scoring and ranking their rows; the torch path (CPU, and the kernel's
-reference) ranks every head. Memory follows the static estimators: the last queries' probabilities one KV head run
-at a time (inside ``vertical_slash_scores``), pooled block scores [heads of a KV-head run, M, N] one sample at a time,
-block means of q and k (fp32, 1/32 of their bf16 size), [B, h, Sk] for the column ranking and [B, h, M, max_blocks]
-for the block lists; no S×S buffer.
+batched on the device of q/k with no host synchronisation: budgets that differ per (sample, head, row) are masks over
+one ranking (sort / ``topk`` + ``cumsum``), never ``.item()``. On CUDA the block-sparse rows come from a Triton kernel
+(:mod:`sparse_prefill.kernels.cover_rows`) that returns at once for heads whose test said vertical-slash, and so do
+their pooled scores (:mod:`sparse_prefill.kernels.pooled`), so only query-aware heads pay for scoring and ranking
+their rows; the torch path (CPU, and the kernel's reference) ranks every head. Memory follows the static
+estimators: the last queries' probabilities one KV head run at a time (inside ``vertical_slash_scores``), pooled block
+scores [heads of a KV-head run, M, N] one sample at a time, block means of q and k (fp32, 1/32 of their bf16 size),
+[B, h, Sk] for the column ranking and [B, h, M, max_blocks] for the block lists; no S×S buffer.
 
 Defaults (:data:`~sparse_prefill.config.PATTERN_DEFAULTS`): ``gamma`` 0.9 and ``tau`` 0.1 are FlexPrefill's
 (its JS also uses natural logs); ``last_q`` 128 estimation queries (with the static default, 64, SmolLM2's 4K KL to
