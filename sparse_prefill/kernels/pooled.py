@@ -14,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..index import BLOCK
 from .sparse_attention import _INTERPRET
-
-BLOCK = 64  # rows per mean: the index's block size
 
 
 @triton.jit
