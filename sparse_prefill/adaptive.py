@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import UNIT, HeadSpec
-from .estimate import _kv_chunks, _mean_pool, block_diagonal_mass, const, vertical_slash_scores
+from .estimate import _kv_chunks, block_diagonal_mass, block_means, const, vertical_slash_scores
 from .kernels import cover_rows_triton, pooled_scores_triton
 from .index import (
     BLOCK,
@@ -235,26 +235,17 @@ def pooled_queries_keys(
             its blocks). pooled_k: [B, Hkv, N, D] fp32 block means of the keys from ``kv_start[b]`` (likewise).
         q_mean: [B, h, D] fp32 mean of each head's last ``last_q`` valid queries.
     """
-    B, H, Sq, D = q.shape
-    Sk = k.shape[2]
+    Sq, Sk = q.shape[2], k.shape[2]
     dev = q.device
-    pooled_q = torch.zeros(B, len(heads), cdiv(Sq, BLOCK), D, device=dev)
-    pooled_k = torch.zeros(B, k.shape[1], cdiv(Sk, BLOCK), D, device=dev)
-    q_mean = torch.empty(B, len(heads), D, device=dev)
+    pooled_q, pooled_k = block_means(q, k, heads, kv_start)
     last_q = [s.params["last_q"] for s in specs]
     L = min(max(last_q), Sq)
-    r = torch.arange(L, device=dev)
-    in_window = r[None, :] >= L - const(last_q, dev)[:, None]  # [h, L]
-    rows = const(heads, dev)
-    for b in range(B):
-        qs = max(0, kv_start[b] - (Sk - Sq))  # first valid query row
-        mine = q[b] if len(heads) == H else q[b].index_select(0, rows)
-        pq = _mean_pool(mine[:, qs:])
-        pooled_q[b, :, : pq.shape[1]] = pq
-        pk = _mean_pool(k[b, :, kv_start[b] :])
-        pooled_k[b, :, : pk.shape[1]] = pk
-        w = (in_window & (Sq - L + r >= qs)[None, :]).float()  # [h, L] last queries that exist
-        q_mean[b] = torch.einsum("hl,hld->hd", w, mine[:, Sq - L :].float()) / w.sum(1)[:, None]
+    pos = Sq - L + torch.arange(L, device=dev)  # tensor rows of the last L queries
+    q_start, _ = query_offsets(Sq, Sk, const(kv_start, dev))
+    # [B, h, L]: each head's last_q rows that hold a query of the sample
+    w = ((pos >= Sq - const(last_q, dev)[:, None])[None] & (pos >= q_start[:, None, None])).float()
+    last = q[:, :, Sq - L :].index_select(1, const(heads, dev)).float()  # [B, h, L, D]
+    q_mean = torch.einsum("bhl,bhld->bhd", w, last) / w.sum(-1, keepdim=True)
     return {"pooled_q": pooled_q, "pooled_k": pooled_k, "q_mean": q_mean}
 
 

@@ -456,6 +456,26 @@ def _mean_pool(x: torch.Tensor) -> torch.Tensor:
     return sums / counts[None, :, None]
 
 
+def block_means(q: torch.Tensor, k: torch.Tensor, heads: list[int], kv_start: list[int]) -> tuple[torch.Tensor, ...]:
+    """Block means of the given query heads and of every KV head, in each sample's own block grid (from its first
+    valid query row and key; zeros past its blocks).
+
+    Returns:
+        pooled_q: [B, len(heads), M, D] fp32. pooled_k: [B, Hkv, N, D] fp32.
+    """
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    pooled_q = torch.zeros(B, len(heads), cdiv(Sq, BLOCK), D, device=q.device)
+    pooled_k = torch.zeros(B, k.shape[1], cdiv(Sk, BLOCK), D, device=q.device)
+    for b in range(B):
+        qs = max(0, kv_start[b] - (Sk - Sq))  # first valid query row
+        pq = _mean_pool(q[b, :, qs:])  # every head, pooled before any selection copies it
+        pooled_q[b, :, : pq.shape[1]] = pq if len(heads) == H else pq.index_select(0, const(heads, q.device))
+        pk = _mean_pool(k[b, :, kv_start[b] :])
+        pooled_k[b, :, : pk.shape[1]] = pk
+    return pooled_q, pooled_k
+
+
 def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: float, kv_start: list[int]) -> torch.Tensor:
     """[B, H, M, K] key blocks of the block-sparse heads (other heads -1), in each sample's own block grid."""
     B, H, Sq, _ = q.shape
@@ -467,18 +487,17 @@ def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: floa
     starts = const(kv_start, q.device)
     _, off = query_offsets(Sq, Sk, starts)
     base = block_bases(Sq, Sk, starts)
+    pooled_q, pooled_k = block_means(q, k, heads, kv_start)
     for b in range(B):
-        pooled_k = _mean_pool(k[b, :, kv_start[b] :])  # [Hkv, Nb, D], pooled once per KV head
         qs = max(0, kv_start[b] - (Sk - Sq))  # first valid query row
-        Mb, Nb = cdiv(Sq - qs, BLOCK), pooled_k.shape[1]
+        Mb, Nb = cdiv(Sq - qs, BLOCK), cdiv(Sk - kv_start[b], BLOCK)
         j = torch.arange(Nb, device=q.device)
         top = base[b, :Mb, None]
         own = (off[b] + torch.arange(Mb, device=q.device) * BLOCK)[:, None] // BLOCK  # block of the first row
-        pooled_q = _mean_pool(q[b, :, qs:])  # [H, Mb, D]: every head, pooled before any selection copies it
         for kv0, kv1, sel in _kv_chunks(heads, group, Mb * Nb * 4):
             rows = const([heads[i] for i in sel], q.device)
-            pq = pooled_q.index_select(0, rows).unflatten(0, (kv1 - kv0, -1))  # [kv, g, Mb, D]
-            scores = (pq @ pooled_k[kv0:kv1, None].transpose(-1, -2)).flatten(0, 1) * scale  # [h, Mb, Nb]
+            pq = pooled_q[b, :, :Mb].index_select(0, const(sel, q.device)).unflatten(0, (kv1 - kv0, -1))
+            scores = (pq @ pooled_k[b, kv0:kv1, None, :Nb].transpose(-1, -2)).flatten(0, 1) * scale  # [h, Mb, Nb]
             scores.masked_fill_(j[None, :] > top, float("-inf"))
             scores.masked_fill_((j[None, :] >= own) & (j[None, :] <= top), float("inf"))
             picked = _topk_budget(scores, [budgets[i] for i in sel], head_dim=0)
