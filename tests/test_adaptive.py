@@ -259,6 +259,37 @@ def test_cover_rows_kernel_equals_the_torch_rows(N, M):
     assert compared >= M
 
 
+@pytest.mark.parametrize("Sk,starts", [(7, [0]), (700, [0, 13]), (1500, [1499, 100])])
+def test_cover_columns_kernel_equals_the_torch_columns(Sk, starts):
+    """The Triton column kernel (interpreted without CUDA) keeps the torch ranking's columns, ascending, with the same
+    tiles and sink-aware gamma, whatever the sinks' share, padding or gamma."""
+    pytest.importorskip("triton")
+    from sparse_prefill.adaptive import cover_columns_torch
+    from sparse_prefill.kernels import cover_columns_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(Sk)
+    B, h = len(starts), 5
+    vertical = torch.rand(B, h, Sk, generator=g) ** torch.tensor([1.0, 4.0, 16.0, 2.0, 8.0])[:, None]
+    vertical[:, 1, :2] += 50.0  # a heavy sink: gamma is left to the rest
+    vertical[:, 4, ::3] = 0.0  # columns of mass 0 are never kept, even at gamma 1
+    st = torch.tensor(starts)
+    vertical = vertical.masked_fill(torch.arange(Sk)[None, None, :] < st[:, None, None], 0.0)  # padding keys
+    force = torch.tensor([0, 2, 3, 9000, 1])
+    gamma = torch.tensor([0.9, 0.5, 0.99, 0.9, 1.0])
+    per_col = torch.rand(B, Sk, generator=g)
+    args = [t.to(dev) for t in (vertical, st, force, gamma, per_col)]
+    want_cols, want_tiles, want_gamma = cover_columns_torch(*args)
+    cols, tiles, got_gamma = cover_columns_triton(*args)
+    for b in range(B):
+        for i in range(h):
+            kept = cols[b, i][cols[b, i] >= 0].tolist()
+            assert kept == sorted(kept) == want_cols[b, i][want_cols[b, i] >= 0].tolist(), (b, i)
+            assert (cols[b, i, len(kept) :] == -1).all()
+    torch.testing.assert_close(tiles, want_tiles, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_gamma, want_gamma)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("S", [4096, 32768])

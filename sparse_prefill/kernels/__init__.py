@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 try:
+    from .cover_columns import cover_columns_triton
     from .cover_rows import cover_rows_triton
     from .pooled import mean_pool_triton, pooled_scores_triton, pooled_supported
     from .sparse_attention import sparse_attention_triton, supports
     from .vs_scores import scores_supported, vertical_slash_scores_triton
 except ImportError as err:  # no triton on this platform
     _reason = f"triton unavailable: {err}"
-    cover_rows_triton = mean_pool_triton = pooled_scores_triton = None  # callers fall back to torch
+    # callers fall back to torch
+    cover_columns_triton = cover_rows_triton = mean_pool_triton = pooled_scores_triton = None
 
     def pooled_supported(x) -> bool:
         return False
@@ -27,6 +29,7 @@ except ImportError as err:  # no triton on this platform
 
 
 __all__ = [
+    "cover_columns_triton",
     "cover_rows_triton",
     "mean_pool_triton",
     "pooled_scores_triton",
