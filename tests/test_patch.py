@@ -16,6 +16,7 @@ from sparse_prefill import (
     patch_model,
     unpatch_model,
 )
+from sparse_prefill.models import cache_kwarg
 from sparse_prefill.patches import adapter_for
 
 SPARSE = dict(pattern="vertical_slash", vertical=8, slash=4, last_q=16, force_vertical=2, force_slash=4)
@@ -89,8 +90,8 @@ def test_chunked_prefill_runs_sparse_on_the_new_queries():
     full = logits(model, IDS)
     patch_model(model, config_for(model, pattern="vertical_slash", vertical=400, slash=400))
     cache = DynamicCache(config=model.config)
-    first = logits(model, IDS[:, :170], past_key_values=cache, use_cache=True)
-    second = logits(model, IDS[:, 170:], past_key_values=cache, use_cache=True)
+    first = logits(model, IDS[:, :170], **{cache_kwarg(model): cache}, use_cache=True)
+    second = logits(model, IDS[:, 170:], **{cache_kwarg(model): cache}, use_cache=True)
     record = last_report(model)[0]
     assert (record.path, record.q_len, record.kv_len) == ("sparse", 130, 300)
     assert_close(torch.cat([first, second], 1), full, 1e-4, 1e-4)
@@ -251,8 +252,8 @@ def test_adaptive_left_padding_and_chunked_prefill_equal_single_runs():
     # index format misses key block 0 for the last, partial query block, for static dense heads as well.)
     patch_model(model, mode="adaptive", gamma=1.0, min_seq_len=0)
     cache = DynamicCache(config=model.config)
-    first = logits(model, IDS[:, :192], past_key_values=cache, use_cache=True)
-    second = logits(model, IDS[:, 192:], past_key_values=cache, use_cache=True)
+    first = logits(model, IDS[:, :192], **{cache_kwarg(model): cache}, use_cache=True)
+    second = logits(model, IDS[:, 192:], **{cache_kwarg(model): cache}, use_cache=True)
     assert (last_report(model)[0].q_len, last_report(model)[0].kv_len) == (108, 300)
     unpatch_model(model)
     assert_close(torch.cat([first, second], 1), logits(model, IDS), 1e-4, 1e-4)
