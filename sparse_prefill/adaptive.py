@@ -46,10 +46,10 @@ the key columns (:mod:`sparse_prefill.kernels.cover_columns`, a threshold search
 of 1.1 ms for 32 heads at 128K), and the block-sparse rows (:mod:`sparse_prefill.kernels.cover_rows`), which return
 at once for heads whose test said vertical-slash, as do their pooled scores (:mod:`sparse_prefill.kernels.pooled`),
 so only query-aware heads pay for scoring and ranking their rows; the torch path (CPU, and the kernels' reference)
-ranks every head. Memory follows the static
-estimators: the last queries' probabilities one KV head run at a time (inside ``vertical_slash_scores``), pooled block
-scores [heads of a KV-head run, M, N] one sample at a time, block means of q and k (fp32, 1/32 of their bf16 size),
-[B, h, Sk] for the column ranking and [B, h, M, max_blocks] for the block lists; no S×S buffer.
+ranks every head. Memory follows the static estimators: the last queries' probabilities one KV head run at a time
+(inside ``vertical_slash_scores``), pooled block scores [heads of a KV-head run, M, N] one sample at a time, block
+means of q and k (fp32, 1/32 of their bf16 size), [B, h, Sk] for the column lists (and the torch path's ranking) and
+[B, h, M, max_blocks] for the block lists; no S×S buffer.
 
 Defaults (:data:`~sparse_prefill.config.PATTERN_DEFAULTS`): ``gamma`` 0.9 and ``tau`` 0.1 are FlexPrefill's
 (its JS also uses natural logs); ``last_q`` 128 estimation queries (with the static default, 64, SmolLM2's 4K KL to
