@@ -99,3 +99,35 @@ def test_adaptive_heads_follow_the_loop_reference(kv_heads, group, kv_len, chunk
     k = torch.randn(len(starts), kv_heads, kv_len, 8, generator=g)
     check_against_loops(q, k, heads, 0.35, starts)
     CASES["adaptive"] += 1
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kv_len=st.integers(1, 600),
+    pads=st.lists(st.integers(0, 200), min_size=1, max_size=2),
+    heads=st.lists(
+        st.tuples(st.integers(0, 80), st.one_of(st.just(1.0), st.floats(0.05, 1.0)), st.floats(0.5, 16.0)),
+        min_size=1,
+        max_size=3,
+    ),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_column_kernel_keeps_the_torch_rankings_columns(kv_len, pads, heads, seed):
+    """The Triton column search (interpreted without CUDA) keeps exactly the columns of the torch ranking, for random
+    lengths, padding, forced sinks, gamma and peakedness (distinct random scores: no ties to break)."""
+    from sparse_prefill.adaptive import cover_columns_torch
+    from sparse_prefill.kernels import cover_columns_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    starts = torch.tensor([min(p, kv_len - 1) for p in pads])
+    force, gamma, power = (torch.tensor(x) for x in zip(*heads))
+    g = torch.Generator().manual_seed(seed)
+    vertical = torch.rand(len(pads), len(heads), kv_len, generator=g) ** power[:, None]
+    vertical = vertical.masked_fill(torch.arange(kv_len) < starts[:, None, None], 0.0)  # padding keys
+    per_col = torch.rand(len(pads), kv_len, generator=g)
+    args = [t.to(dev) for t in (vertical, starts, force, gamma.float(), per_col)]
+    want_cols, want_tiles, want_gamma = cover_columns_torch(*args)
+    cols, tiles, got_gamma = cover_columns_triton(*args)
+    assert torch.equal(cols, want_cols)
+    assert_close(tiles, want_tiles, 1e-5, 1e-4)
+    assert_close(got_gamma, want_gamma, 1e-6, 1e-6)
