@@ -105,6 +105,7 @@ def decode(
         once every row has ended.
     """
     pos = mask.sum(-1, keepdim=True)
+    cache_name = cache_kwarg(model)  # reads the forward signature: once, not per token
     tokens, all_logits = [], [logits]
     done = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
     for t in range(steps):
@@ -114,7 +115,7 @@ def decode(
         if t + 1 == steps or done.all():
             break
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-        step = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": pos + t, cache_kwarg(model): cache}
+        step = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": pos + t, cache_name: cache}
         out = model(**step, use_cache=True)
         all_logits.append(out.logits[:, -1].float())
     return torch.stack(tokens, 1), torch.stack(all_logits, 1)
