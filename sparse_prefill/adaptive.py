@@ -200,7 +200,7 @@ def vertical_slash_cover(
     Returns:
         cols: [B, h, Sk] local columns ascending, -1 past the set. diag: [B, h, N] bool. density: [B, h] estimate.
     """
-    B, h, Sk = vertical.shape
+    B, _, Sk = vertical.shape
     dev = vertical.device
     q_len, starts = geo.q_len, geo.starts
     args = (vertical, starts, _param(specs, "force_vertical", dev), _param(specs, "gamma", dev), geo.per_col)
