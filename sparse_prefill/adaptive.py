@@ -16,7 +16,8 @@ package's index format). On every prefill call, for each sample and head:
    the total (:func:`cover`).
 
    * vertical-slash: single key columns ranked by ``v``, and block diagonals ranked by the share of ``s`` they cover
-     (:func:`~sparse_prefill.estimate.block_diagonal_mass`: the kernel computes slashes as whole block diagonals),
+     (:func:`~sparse_prefill.estimate.block_diagonal_mass`, the kernel computes slashes as whole block diagonals; on
+     CUDA the estimate sums these shares directly),
      each to ``gamma`` of its own total. Forced: the first ``force_vertical`` columns (attention sinks) and the block
      diagonals of the ``max(1, force_slash)`` nearest offsets (the local window, and always the own diagonal block).
      Both reach ``gamma`` of the attention the sinks leave: with ``s`` the sinks' share of ``v``, ``s + gamma (1 -
@@ -67,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import UNIT, HeadSpec
-from .estimate import _kv_chunks, block_diagonal_mass, block_means, const, vertical_slash_scores
+from .estimate import _kv_chunks, block_means, const, vertical_slash_scores
 from .kernels import cover_columns_triton, cover_rows_triton, pooled_scores_triton
 from .index import (
     BLOCK,
@@ -193,9 +194,10 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def vertical_slash_cover(
-    vertical: torch.Tensor, slash: torch.Tensor, specs: list[HeadSpec], geo: _Geometry
+    vertical: torch.Tensor, slash_mass: torch.Tensor, specs: list[HeadSpec], geo: _Geometry
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The vertical-slash sets of adaptive heads from their [B, h, Sk] scores (tensor frame, as estimated).
+    """The vertical-slash sets of adaptive heads from their [B, h, Sk] vertical scores (tensor frame, as estimated)
+    and [B, h, N] slash scores by block diagonal (``vertical_slash_scores(..., by_block=True)``).
 
     Returns:
         cols: [B, h, Sk] local columns ascending, -1 past the set. diag: [B, h, N] bool. density: [B, h] estimate.
@@ -210,9 +212,7 @@ def vertical_slash_cover(
     col_tiles, gamma = col_tiles / BLOCK, gamma[..., None]
 
     c = torch.arange(Sk, device=dev)
-    exists = (c[None, :] <= Sk - 1 - starts[:, None])[:, None, :]  # [B, 1, Sk]: offsets some query can have
-    mass = block_diagonal_mass(slash * exists, q_len, Sk, starts)  # [B, h, N]
-    mass = mass.masked_fill(geo.per_diag[:, None, :] == 0, 0.0)  # diagonals that reach no key of the sample
+    mass = slash_mass.masked_fill(geo.per_diag[:, None, :] == 0, 0.0)  # diagonals that reach no key of the sample
     nearest = _param(specs, "force_slash", dev).clamp(min=1)[None, :, None]
     forced_s = slash_diagonals(torch.where(c < nearest, c, -1).expand(B, -1, -1), q_len, Sk, starts)
     order, keep, _ = cover(mass, forced_s, gamma)
@@ -364,10 +364,10 @@ def cover_rows_torch(
 def measure(
     q: torch.Tensor, k: torch.Tensor, specs: list[HeadSpec], heads: list[int], scale: float, kv_start: list[int]
 ) -> dict[str, torch.Tensor]:
-    """Everything the choice of the adaptive heads of one layer call reads from q and k: the vertical and slash
-    scores ([B, h, Sk]) and :func:`pooled_queries_keys`. :func:`choose` depends on nothing else, so
-    :class:`~sparse_prefill.estimate.LayerPlan` replays it as a CUDA graph: its few hundred small kernels would
-    otherwise cost more host time to launch than the GPU spends running them.
+    """Everything the choice of the adaptive heads of one layer call reads from q and k: the vertical scores
+    ([B, h, Sk]), the slash scores by block diagonal ([B, h, N]) and :func:`pooled_queries_keys`. :func:`choose`
+    depends on nothing else, so :class:`~sparse_prefill.estimate.LayerPlan` replays it as a CUDA graph: its few
+    hundred small kernels would otherwise cost more host time to launch than the GPU spends running them.
 
     Args:
         q: [B, Hq, Sq, D] queries after RoPE; k: [B, Hkv, Sk, D] keys (the full cache, Sq <= Sk).
@@ -376,8 +376,9 @@ def measure(
         kv_start: per sample, the first valid key column (left padding), as host integers.
     """
     last_q = [s.params["last_q"] for s in specs]
-    vertical, slash = vertical_slash_scores(q, k, heads, last_q, scale, const(kv_start, q.device))
-    return {"vertical": vertical, "slash": slash, **pooled_queries_keys(q, k, specs, heads, kv_start)}
+    starts = const(kv_start, q.device)
+    vertical, slash_mass = vertical_slash_scores(q, k, heads, last_q, scale, starts, by_block=True)
+    return {"vertical": vertical, "slash_mass": slash_mass, **pooled_queries_keys(q, k, specs, heads, kv_start)}
 
 
 def choose(
@@ -393,8 +394,8 @@ def choose(
     """Pattern and budgets of the adaptive heads of one layer call from their :func:`measure` (module docstring: the
     rule). ``group``: query heads per KV head; the other arguments as in :func:`measure`."""
     geo = _Geometry.of(q_len, kv_len, kv_start, measured["vertical"].device)
-    vertical, slash = measured["vertical"], measured["slash"]
-    cols, diag, vs_density = vertical_slash_cover(vertical, slash, specs, geo)
+    vertical = measured["vertical"]
+    cols, diag, vs_density = vertical_slash_cover(vertical, measured["slash_mass"], specs, geo)
     local = to_local(vertical, geo.starts)
     js, blocks, bs_density = query_aware_cover(measured, local, specs, heads, group, scale, geo)
 

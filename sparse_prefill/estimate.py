@@ -60,6 +60,9 @@ class LayerPlan:
         for h, spec in enumerate(self.heads):
             self.groups.setdefault(spec.pattern, []).append(h)
         self.dynamic = bool({"vertical_slash", "block_sparse", "adaptive"} & set(self.groups))
+        # Slash scores are only needed per block diagonal (cheaper to estimate) unless a head ranks single offsets.
+        vs_specs = [self.heads[h] for h in self.groups.get("vertical_slash", [])]
+        self.slash_by_block = all(s.params["slash_select"] == "block" for s in vs_specs)
         self._static: OrderedDict = OrderedDict()
 
     def index(self, q: torch.Tensor, k: torch.Tensor, scale: float, kv_start: list[int]) -> SparseIndex:
@@ -86,7 +89,8 @@ class LayerPlan:
         out = {}
         if vs_heads := self.groups.get("vertical_slash"):
             last_q = [self.heads[h].params["last_q"] for h in vs_heads]
-            out["vertical"], out["slash"] = vertical_slash_scores(q, k, vs_heads, last_q, scale, starts)
+            by_block = self.slash_by_block
+            out["vertical"], out["slash"] = vertical_slash_scores(q, k, vs_heads, last_q, scale, starts, by_block)
         if bs_heads := self.groups.get("block_sparse"):
             out["blocks"] = block_sparse_sets(q, k, [self.heads[h] for h in bs_heads], bs_heads, scale, kv_start)
         if ad_heads := self.groups.get("adaptive"):
@@ -103,7 +107,8 @@ class LayerPlan:
         dev = diag.device
         if vs_heads := self.groups.get("vertical_slash"):
             specs = [self.heads[h] for h in vs_heads]
-            vs_cols, vs_diag = vertical_slash_select(measured["vertical"], measured["slash"], specs, Sq, starts)
+            vertical, slash = measured["vertical"], measured["slash"]
+            vs_cols, vs_diag = vertical_slash_select(vertical, slash, specs, Sq, starts, self.slash_by_block)
             cols.append((vs_heads, vs_cols))
             diag = diag.clone()
             diag[:, const(vs_heads, dev)] |= vs_diag
@@ -295,20 +300,29 @@ def _topk_budget(scores: torch.Tensor, budgets: list[int], head_dim: int = 1) ->
 
 
 def vertical_slash_scores(
-    q: torch.Tensor, k: torch.Tensor, heads: list[int], last_q: list[int], scale: float, starts: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: list[int],
+    last_q: list[int],
+    scale: float,
+    starts: torch.Tensor,
+    by_block: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vertical and slash scores of the given heads: two [B, len(heads), Sk] fp32 tensors.
+    """Vertical and slash scores of the given heads: [B, len(heads), Sk] fp32 each, or with ``by_block`` the slash
+    scores' :func:`block_diagonal_mass` ([B, len(heads), ceil(Sk / BLOCK)]) in their place.
 
     Causal softmax attention of each head's last ``last_q[i]`` queries over all keys (padding keys and padding
     queries get probability 0), summed per key column and per diagonal offset (query position - key position).
-    On CUDA a streaming Triton kernel computes them without any [L, Sk] buffer. Here (CPU, or shapes it does not
-    take) one KV head at a time: the only large buffer is that KV head's [B, group, L, Sk] probabilities, and K/V
-    are never repeated.
+    On CUDA a streaming Triton kernel computes them without any [L, Sk] buffer (by block, without the per-offset
+    sums either). Here (CPU, or shapes it does not take) one KV head at a time: the only large buffer is that KV
+    head's [B, group, L, Sk] probabilities, and K/V are never repeated.
     """
     rows = min(max(last_q), q.shape[2])
     if scores_supported(q, rows):
-        return vertical_slash_scores_triton(q, k, const(heads, q.device), const(last_q, q.device), rows, scale, starts)
-    return vertical_slash_scores_torch(q, k, heads, last_q, scale, starts)
+        heads_t, last_q_t = const(heads, q.device), const(last_q, q.device)
+        return vertical_slash_scores_triton(q, k, heads_t, last_q_t, rows, scale, starts, by_block)
+    vertical, slash = vertical_slash_scores_torch(q, k, heads, last_q, scale, starts)
+    return vertical, block_diagonal_mass(slash, q.shape[2], k.shape[2], starts) if by_block else slash
 
 
 def vertical_slash_scores_torch(
@@ -375,11 +389,14 @@ def diagonal_sums(p: torch.Tensor) -> torch.Tensor:
     return skewed.sum(-2).flip(-1)
 
 
-def vertical_slash_select(vertical: torch.Tensor, slash: torch.Tensor, specs: list[HeadSpec], q_len: int, starts):
+def vertical_slash_select(
+    vertical: torch.Tensor, slash: torch.Tensor, specs: list[HeadSpec], q_len: int, starts, by_block: bool = False
+):
     """Columns and block diagonals of the vertical-slash heads from their scores (:func:`vertical_slash_scores`).
 
     Args:
-        vertical, slash: [B, h, Sk] fp32 scores of the h heads with ``specs``. Overwritten: they are scratch after this.
+        vertical, slash: [B, h, Sk] fp32 scores of the h heads with ``specs``, or with ``by_block`` (every head's
+            ``slash_select`` is "block") slash [B, h, N] by block diagonal. Overwritten: scratch after this.
         q_len: query length of the call. starts: [B] first valid key per sample.
     Returns:
         cols: [B, h, V] local key columns, -1 = none. diag: [B, h, N] bool block diagonals covering the chosen slashes.
@@ -409,7 +426,7 @@ def vertical_slash_select(vertical: torch.Tensor, slash: torch.Tensor, specs: li
             part.masked_fill_(~exists, float("-inf")).masked_fill_(forced_part, float("inf"))
             diag[:, idx] = slash_diagonals(_topk_budget(part, budgets), q_len, Sk, starts)
         else:  # the block diagonals that cover the most slash mass, as many as the budget's worth of key blocks
-            mass = block_diagonal_mass(part.mul_(exists), q_len, Sk, starts)
+            mass = part if by_block else block_diagonal_mass(part, q_len, Sk, starts)
             keep = slash_diagonals(torch.where(forced_part, offsets, -1).expand(B, -1, -1), q_len, Sk, starts)
             per_head = [cdiv(n, BLOCK) + cdiv(specs[i].params["force_slash"], BLOCK) + 1 for n, i in zip(budgets, sel)]
             mass = mass.masked_fill_(mass <= 0, float("-inf")).masked_fill_(keep, float("inf"))

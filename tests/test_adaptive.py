@@ -9,7 +9,7 @@ from naive import adaptive_head, cover_set, frame, mask_from_sets
 
 from conftest import assert_close, spec
 from sparse_prefill.adaptive import CHOICES, adaptive_sets, cover
-from sparse_prefill.estimate import build_index
+from sparse_prefill.estimate import block_diagonal_mass, build_index
 from sparse_prefill.index import block_mask, col_mask, token_mask
 from sparse_prefill.reference import attention_ref, sparse_attention_torch
 from test_index import qkv
@@ -53,8 +53,9 @@ def test_a_heavy_sink_leaves_gamma_to_the_rest(gamma, want):
     vertical[0, 0, [0, 100, 200, 300]] = torch.tensor([0.95, 0.036, 0.01, 0.004])
     slash = torch.zeros(1, 1, S)
     slash[0, 0, :8] = 0.125  # 94.5 % on the own (forced) block diagonal, 5.5 % on the next one
+    mass = block_diagonal_mass(slash, S, S, torch.tensor([0]))
     head = spec("adaptive", gamma=gamma, force_vertical=1, force_slash=1)
-    cols, diag, _ = vertical_slash_cover(vertical, slash, [head], _Geometry.of(S, S, [0], "cpu"))
+    cols, diag, _ = vertical_slash_cover(vertical, mass, [head], _Geometry.of(S, S, [0], "cpu"))
     assert cols[0, 0][cols[0, 0] >= 0].tolist() == want
     assert diag[0, 0].nonzero().flatten().tolist() == [0, 1]  # the diagonals reach 0.995 of theirs too
 
