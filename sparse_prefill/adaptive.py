@@ -38,18 +38,19 @@ that (sample, head) stay empty. So every backend (Triton kernel, blockwise torch
 unchanged.
 
 The work is split as :class:`~sparse_prefill.estimate.LayerPlan`'s stages: :func:`measure` reads q and k once (the
-scores of step 1, block means of q and k, the last queries' mean query), :func:`choose` does the rest from those
-alone, so on CUDA it is replayed as a CUDA graph (at 128K keys on an H200 the index of a Llama-3-8B layer went from
-26 to 8 ms: launching its kernels one by one cost more host time than the GPU spent running them). Everything is
-batched on the device of q/k with no host synchronisation: budgets that differ per (sample, head, row) are masks over
-one ranking (sort / ``topk`` + ``cumsum``), never ``.item()``. On CUDA Triton kernels find the sets without sorting:
-the key columns (:mod:`sparse_prefill.kernels.cover_columns`, a threshold search over each [Sk] row: 0.2 ms instead
-of 1.1 ms for 32 heads at 128K), and the block-sparse rows (:mod:`sparse_prefill.kernels.cover_rows`), which return
-at once for heads whose test said vertical-slash, as do their pooled scores (:mod:`sparse_prefill.kernels.pooled`),
-so only query-aware heads pay for scoring and ranking their rows; the torch path (CPU, and the kernels' reference)
-ranks every head. Memory follows the static estimators: the last queries' probabilities one KV head run at a time
-(inside ``vertical_slash_scores``), pooled block scores [heads of a KV-head run, M, N] one sample at a time, block
-means of q and k (fp32, 1/32 of their bf16 size), [B, h, Sk] for the column lists (and the torch path's ranking) and
+scores of step 1, the test of step 2, block means of k and of the queries of the heads that passed it),
+:func:`choose` does the rest from those alone, so on CUDA it is replayed as a CUDA graph (at 128K keys on an H200 the
+index of a Llama-3-8B layer went from 26 to 8 ms: launching its kernels one by one cost more host time than the GPU
+spent running them). Everything is batched on the device of q/k with no host synchronisation: budgets that differ
+per (sample, head, row) are masks over one ranking (sort / ``topk`` + ``cumsum``), never ``.item()``. On CUDA Triton
+kernels find the sets without sorting: the key columns (:mod:`sparse_prefill.kernels.cover_columns`, a threshold
+search over each [Sk] row: 0.2 ms instead of 1.1 ms for 32 heads at 128K), and the block-sparse rows
+(:mod:`sparse_prefill.kernels.cover_rows`), which return at once for heads whose test said vertical-slash, as do
+their block means of q and pooled scores (:mod:`sparse_prefill.kernels.pooled`), so only query-aware heads pay for
+pooling, scoring and ranking their rows; the torch path (CPU, and the kernels' reference) does every head. Memory
+follows the static estimators: the last queries' probabilities one KV head run at a time (inside
+``vertical_slash_scores``), pooled block scores [heads of a KV-head run, M, N] one sample at a time, block means of
+q and k (fp32, 1/32 of their bf16 size), [B, h, Sk] for the column lists (and the torch path's ranking) and
 [B, h, M, max_blocks] for the block lists; no S×S buffer.
 
 Defaults (:data:`~sparse_prefill.config.PATTERN_DEFAULTS`): ``gamma`` 0.9 and ``tau`` 0.1 are FlexPrefill's
@@ -68,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import UNIT, HeadSpec
-from .estimate import _kv_chunks, block_means, const, vertical_slash_scores
+from .estimate import _kv_chunks, block_means, const, first_query_rows, vertical_slash_scores
 from .kernels import cover_columns_triton, cover_rows_triton, pooled_scores_triton
 from .index import (
     BLOCK,
@@ -211,9 +212,9 @@ def vertical_slash_cover(
     cols, col_tiles, gamma = (cover_columns_triton if on_gpu else cover_columns_torch)(*args)
     col_tiles, gamma = col_tiles / BLOCK, gamma[..., None]
 
-    c = torch.arange(Sk, device=dev)
     mass = slash_mass.masked_fill(geo.per_diag[:, None, :] == 0, 0.0)  # diagonals that reach no key of the sample
     nearest = _param(specs, "force_slash", dev).clamp(min=1)[None, :, None]
+    c = torch.arange(min(Sk, max(max(1, s.params["force_slash"]) for s in specs)), device=dev)  # offsets forced
     forced_s = slash_diagonals(torch.where(c < nearest, c, -1).expand(B, -1, -1), q_len, Sk, starts)
     order, keep, _ = cover(mass, forced_s, gamma)
     diag = torch.zeros_like(forced_s).scatter_(-1, order, keep)
@@ -231,7 +232,8 @@ def cover_columns_torch(
         vertical: [B, h, Sk] scores per tensor column. starts: [B] first valid key. force: [h] forced first local
             columns. gamma: [h]. per_col: [B, Sk] per local column, summed over the kept ones.
     Returns:
-        cols: [B, h, Sk] local columns ascending, -1 past the set. tiles: [B, h] ``per_col`` summed over the set.
+        cols: [B, h, Sk] int32 local columns ascending, -1 past the set. tiles: [B, h] ``per_col`` summed over the
+        set.
         gamma: [B, h] the share of each row the set reached for: ``s + gamma (1 - s)`` with ``s`` the forced
         columns' share (heads that put 90-99 % of their attention on the first token, whose value is near zero,
         would meet ``gamma`` of the whole with the sinks alone), 1 where ``gamma >= 1``.
@@ -243,83 +245,74 @@ def cover_columns_torch(
     sinks = (local * forced).sum(-1) / local.sum(-1).clamp(min=1e-30)
     gamma = torch.where(gamma >= 1, 1.0, sinks + gamma * (1 - sinks))  # [B, h]
     order, keep, _ = cover(local, forced, gamma[..., None])
-    cols = positions(torch.zeros_like(keep).scatter_(-1, order, keep))
+    cols = positions(torch.zeros_like(keep).scatter_(-1, order, keep)).int()
     tiles = (per_col[:, None, :].expand(-1, h, -1).gather(-1, order) * keep).sum(-1)
     return cols, tiles, gamma
 
 
-def pooled_queries_keys(
-    q: torch.Tensor, k: torch.Tensor, specs: list[HeadSpec], heads: list[int], kv_start: list[int]
-) -> dict[str, torch.Tensor]:
-    """What the query-aware test and the block-sparse sets read from q and k, in each sample's own block grid.
-
-    Returns:
-        pooled_q: [B, h, M, D] fp32 block means of the heads' queries from the sample's first valid row (zeros past
-            its blocks). pooled_k: [B, Hkv, N, D] fp32 block means of the keys from ``kv_start[b]`` (likewise).
-        q_mean: [B, h, D] fp32 mean of each head's last ``last_q`` valid queries.
-    """
-    Sq, Sk = q.shape[2], k.shape[2]
+def query_aware_js(
+    q: torch.Tensor,
+    vertical: torch.Tensor,
+    pooled_k: torch.Tensor,
+    specs: list[HeadSpec],
+    heads: list[int],
+    scale: float,
+    starts: torch.Tensor,
+) -> torch.Tensor:
+    """The query-aware test's sqrt JS divergence ([B, h]), every head at once: the mean of each head's last
+    ``last_q`` valid queries against the pooled keys (softmax over the sample's key blocks) vs. those queries' true
+    attention per key block (``vertical`` [B, h, Sk] summed per block of the sample's grid). ``pooled_k``:
+    :func:`~sparse_prefill.estimate.block_means` of the keys."""
+    B, H, Sq, _ = q.shape
+    Sk, N = vertical.shape[-1], pooled_k.shape[2]
     dev = q.device
-    pooled_q, pooled_k = block_means(q, k, heads, kv_start)
     last_q = [s.params["last_q"] for s in specs]
     L = min(max(last_q), Sq)
     pos = Sq - L + torch.arange(L, device=dev)  # tensor rows of the last L queries
-    q_start, _ = query_offsets(Sq, Sk, const(kv_start, dev))
+    q_start, _ = query_offsets(Sq, Sk, starts)
     # [B, h, L]: each head's last_q rows that hold a query of the sample
     w = ((pos >= Sq - const(last_q, dev)[:, None])[None] & (pos >= q_start[:, None, None])).float()
     last = q[:, :, Sq - L :].index_select(1, const(heads, dev)).float()  # [B, h, L, D]
     q_mean = torch.einsum("bhl,bhld->bhd", w, last) / w.sum(-1, keepdim=True)
-    return {"pooled_q": pooled_q, "pooled_k": pooled_k, "q_mean": q_mean}
+    true = F.pad(to_local(vertical, starts), (0, N * BLOCK - Sk)).unflatten(-1, (N, BLOCK)).sum(-1)  # [B, h, N]
+    kv = const([x // (H // pooled_k.shape[1]) for x in heads], dev)
+    est = torch.einsum("bhd,bknd->bhkn", q_mean, pooled_k).gather(2, kv[None, :, None, None].expand(B, -1, 1, N))
+    beyond = torch.arange(N, device=dev)[None, :] >= cdiv_tensor(Sk - starts, BLOCK)[:, None]  # [B, N]
+    est = torch.softmax((est.squeeze(2) * scale).masked_fill(beyond[:, None], float("-inf")), -1)
+    return js_divergence(true / true.sum(-1, keepdim=True), est)
 
 
 def query_aware_cover(
-    pooled: dict[str, torch.Tensor],
-    local_vertical: torch.Tensor,
-    specs: list[HeadSpec],
-    heads: list[int],
-    group: int,
-    scale: float,
-    geo: _Geometry,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The query-aware test and block-sparse sets of adaptive heads, one sample at a time (each in its own grid).
+    measured: dict[str, torch.Tensor], specs: list[HeadSpec], heads: list[int], group: int, scale: float, geo: _Geometry
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block-sparse sets of adaptive heads, one sample at a time (each in its own grid).
 
     Args:
-        pooled: :func:`pooled_queries_keys` of the call.
+        measured: :func:`measure` of the call (``js``, ``pooled_q``, ``pooled_k``).
         group: query heads per KV head.
-        local_vertical: [B, h, Sk] vertical scores per local column (:func:`to_local`).
     Returns:
-        js: [B, h] sqrt JS divergence. blocks: [B, h, M, K] key blocks per query block ascending, -1 past the set.
+        blocks: [B, h, M, K] key blocks per query block ascending, -1 past the set.
         density: [B, h] estimated tile density of the block-sparse sets, ``inf`` where the head is not query-aware
         (``sqrt JS >= tau``; on CUDA its rows are not even ranked) or a row needs more than ``max_blocks``.
     """
-    pooled_q, pooled_k, q_mean = pooled["pooled_q"], pooled["pooled_k"], pooled["q_mean"]
+    pooled_q, pooled_k = measured["pooled_q"], measured["pooled_k"]
     q_len, kv_len, kv_start = geo.q_len, geo.kv_len, geo.kv_start
     B, h, M, _ = pooled_q.shape
     N = pooled_k.shape[2]
     dev = pooled_q.device
     max_blocks = [min(s.budget("max_blocks", N), N) for s in specs]
     K = max(max_blocks)
-    gamma, tau, limit = _param(specs, "gamma", dev), _param(specs, "tau", dev), const(max_blocks, dev)
+    gamma, limit = _param(specs, "gamma", dev), const(max_blocks, dev)
     sink = cdiv_tensor(_param(specs, "force_vertical", dev), BLOCK)  # [h] key blocks holding the forced first keys
     nearest = _param(specs, "force_slash", dev).clamp(min=1)
-
-    # Query-aware test, every head at once: the last queries' mean query against pooled keys (softmax over the
-    # sample's key blocks) vs. their true attention per key block.
-    true = F.pad(local_vertical, (0, N * BLOCK - kv_len)).unflatten(-1, (N, BLOCK)).sum(-1)  # [B, h, N]
-    kv = const([x // group for x in heads], dev)
-    est = torch.einsum("bhd,bknd->bhkn", q_mean, pooled_k).gather(2, kv[None, :, None, None].expand(B, -1, 1, N))
-    beyond = torch.arange(N, device=dev)[None, :] >= cdiv_tensor(kv_len - geo.starts, BLOCK)[:, None]  # [B, N]
-    est = torch.softmax((est.squeeze(2) * scale).masked_fill(beyond[:, None], float("-inf")), -1)
-    js = js_divergence(true / true.sum(-1, keepdim=True), est)
-    query_aware = js < tau
+    query_aware = measured["js"] < _param(specs, "tau", dev)
 
     # Query-aware sets: per query block, softmax of pooled q·k over its causal key blocks; one sample at a time.
-    blocks = torch.full((B, h, M, K), -1, dtype=torch.long, device=dev)
+    blocks = torch.full((B, h, M, K), -1, dtype=torch.int32, device=dev)
     count = torch.zeros(B, h, M, dtype=torch.long, device=dev)
     _, off = query_offsets(q_len, kv_len, geo.starts)
     base = block_bases(q_len, kv_len, geo.starts)
-    for b in range(B):
-        qs = max(0, kv_start[b] - (kv_len - q_len))  # first valid query row
+    for b, qs in enumerate(first_query_rows(q_len, kv_len, kv_start)):
         Mb, Nb = cdiv(q_len - qs, BLOCK), cdiv(kv_len - kv_start[b], BLOCK)
         first = off[b] + torch.arange(Mb, device=dev) * BLOCK  # local position of each query block's first row
         lo = (first[None, :] - nearest[:, None] + 1).clamp(min=0) // BLOCK  # [h, Mb] forced from this key block on
@@ -329,15 +322,15 @@ def query_aware_cover(
             args = (base[b, :Mb], lo[h0:h1], sink[h0:h1], gamma[h0:h1])
             if pq.is_cuda and cover_rows_triton is not None:  # heads that are not query-aware are skipped
                 scores = pooled_scores_triton(pq, pk, base[b, :Mb], flag)
-                picked, n = cover_rows_triton(scores, *args, flag, K, scale)
+                _, n = cover_rows_triton(scores, *args, flag, K, scale, out=blocks[b, h0:h1, :Mb])
             else:
                 scores = (pq.unflatten(0, (kv1 - kv0, -1)) @ pk[:, None].transpose(-1, -2)).flatten(0, 1)
                 picked, n = cover_rows_torch(scores * scale, *args, K)
-            blocks[b, h0:h1, :Mb, : picked.shape[-1]] = picked
+                blocks[b, h0:h1, :Mb, : picked.shape[-1]] = picked
             count[b, h0:h1, :Mb] = n
     fits = (count <= limit[:, None]).all(-1) & query_aware
     tiles = torch.where(fits, count.sum(-1).float(), float("inf"))
-    return js, blocks, tiles / geo.causal[:, None]
+    return blocks, tiles / geo.causal[:, None]
 
 
 def cover_rows_torch(
@@ -350,7 +343,8 @@ def cover_rows_torch(
         scores: [h, M, N] scaled pooled q·k. top: [M] last causal key block per row. lo: [h, M] forced from this key
             block on (own and local blocks). sink: [h] forced below this key block. gamma: [h]. K: list width.
     Returns:
-        blocks: [h, M, min(K, N)] key blocks ascending, -1 past the set; count: [h, M] set sizes (> K: no fit).
+        blocks: [h, M, min(K, N)] int32 key blocks ascending, -1 past the set; count: [h, M] set sizes (> K: no
+        fit).
     """
     j = torch.arange(scores.shape[-1], device=scores.device)
     causal = j[None, :] <= top[:, None]  # [M, N]
@@ -358,16 +352,19 @@ def cover_rows_torch(
     forced = causal & ((j >= lo[..., None]) | (j < sink[:, None, None]))
     order, keep, count = cover(p, forced, gamma[:, None, None], k=K)
     width = min(K, order.shape[-1])
-    return ascending(torch.where(keep[..., :width], order[..., :width], -1)), count
+    return ascending(torch.where(keep[..., :width], order[..., :width], -1)).int(), count
 
 
 def measure(
     q: torch.Tensor, k: torch.Tensor, specs: list[HeadSpec], heads: list[int], scale: float, kv_start: list[int]
 ) -> dict[str, torch.Tensor]:
-    """Everything the choice of the adaptive heads of one layer call reads from q and k: the vertical scores
-    ([B, h, Sk]), the slash scores by block diagonal ([B, h, N]) and :func:`pooled_queries_keys`. :func:`choose`
-    depends on nothing else, so :class:`~sparse_prefill.estimate.LayerPlan` replays it as a CUDA graph: its few
-    hundred small kernels would otherwise cost more host time to launch than the GPU spends running them.
+    """Everything the choice of the adaptive heads of one layer call reads from q and k: ``vertical`` scores
+    [B, h, Sk], ``slash_mass`` (slash scores by block diagonal) [B, h, N], the query-aware test's ``js`` [B, h]
+    (:func:`query_aware_js`), and fp32 block means in each sample's own grid (zeros past its blocks): ``pooled_k``
+    [B, Hkv, N, D], and ``pooled_q`` [B, h, M, D] (on CUDA only the query-aware heads' queries are pooled: the others'
+    stay 0, unread). :func:`choose` depends on nothing else, so :class:`~sparse_prefill.estimate.LayerPlan` replays it
+    as a CUDA graph: its few hundred small kernels would otherwise cost more host time to launch than the GPU spends
+    running them.
 
     Args:
         q: [B, Hq, Sq, D] queries after RoPE; k: [B, Hkv, Sk, D] keys (the full cache, Sq <= Sk).
@@ -375,10 +372,18 @@ def measure(
         scale: softmax scale.
         kv_start: per sample, the first valid key column (left padding), as host integers.
     """
+    B, H, Sq, _ = q.shape
+    dev = q.device
     last_q = [s.params["last_q"] for s in specs]
-    starts = const(kv_start, q.device)
+    starts = const(kv_start, dev)
     vertical, slash_mass = vertical_slash_scores(q, k, heads, last_q, scale, starts, by_block=True)
-    return {"vertical": vertical, "slash_mass": slash_mass, **pooled_queries_keys(q, k, specs, heads, kv_start)}
+    pooled_k = block_means(k, kv_start)
+    js = query_aware_js(q, vertical, pooled_k, specs, heads, scale, starts)
+    flag = torch.zeros(B, H, dtype=torch.bool, device=dev)
+    flag[:, const(heads, dev)] = js < _param(specs, "tau", dev)
+    pooled_q = block_means(q, first_query_rows(Sq, k.shape[2], kv_start), flag)
+    pooled_q = pooled_q if len(heads) == H else pooled_q.index_select(1, const(heads, dev))
+    return {"vertical": vertical, "slash_mass": slash_mass, "js": js, "pooled_q": pooled_q, "pooled_k": pooled_k}
 
 
 def choose(
@@ -396,8 +401,7 @@ def choose(
     geo = _Geometry.of(q_len, kv_len, kv_start, measured["vertical"].device)
     vertical = measured["vertical"]
     cols, diag, vs_density = vertical_slash_cover(vertical, measured["slash_mass"], specs, geo)
-    local = to_local(vertical, geo.starts)
-    js, blocks, bs_density = query_aware_cover(measured, local, specs, heads, group, scale, geo)
+    blocks, bs_density = query_aware_cover(measured, specs, heads, group, scale, geo)
 
     block_sparse = bs_density.isfinite()  # query-aware (sqrt JS < tau) and every row fits in max_blocks
     density = torch.where(block_sparse, bs_density, vs_density)
@@ -409,7 +413,7 @@ def choose(
         cols=cols.masked_fill(~is_vs[..., None], -1),
         diag=(diag & is_vs[..., None]) | (choice == DENSE)[..., None],
         blocks=blocks.masked_fill((choice != BLOCK_SPARSE)[..., None, None], -1),
-        js=js,
+        js=measured["js"],
         vs_density=vs_density,
         bs_density=bs_density,
     )

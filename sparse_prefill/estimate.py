@@ -128,9 +128,12 @@ class LayerPlan:
             diag = diag.clone()
             diag[:, idx] |= ad.diag
             ad_blocks = ad.blocks
-            width = max(blocks.shape[-1], ad_blocks.shape[-1])
-            blocks = F.pad(blocks, (0, width - blocks.shape[-1]), value=-1)
-            blocks[:, idx, :, : ad_blocks.shape[-1]] = ad_blocks.to(blocks.dtype)
+            if blocks.shape[-1] == 0 and len(ad_heads) == H:  # every head adaptive: its lists are the layer's
+                blocks = ad_blocks
+            else:
+                width = max(blocks.shape[-1], ad_blocks.shape[-1])
+                blocks = F.pad(blocks, (0, width - blocks.shape[-1]), value=-1)
+                blocks[:, idx, :, : ad_blocks.shape[-1]] = ad_blocks.to(blocks.dtype)
             choice = torch.full((B, H), -1, dtype=torch.long, device=dev)
             choice[:, idx] = ad.choice
         index = make_index(Sq, Sk, starts, diag, _scatter_heads(B, H, cols, dev), blocks)
@@ -283,10 +286,12 @@ def _prefix(B: int, lengths: list[int], dev: torch.device) -> torch.Tensor:
 
 def _scatter_heads(B: int, H: int, pieces: list, dev: torch.device) -> torch.Tensor:
     """Stack per-pattern [B, h, n] pieces into one [B, H, max n] tensor, -1 where a head has nothing."""
+    if len(pieces) == 1 and list(pieces[0][0]) == list(range(H)):  # one pattern for every head: already stacked
+        return pieces[0][1]
     width = max((p.shape[-1] for _, p in pieces), default=0)
     out = torch.full((B, H, width), -1, dtype=torch.long, device=dev)
     for hs, p in pieces:
-        out[:, const(hs, dev), : p.shape[-1]] = p
+        out[:, const(hs, dev), : p.shape[-1]] = p.long()
     return out
 
 
@@ -458,12 +463,13 @@ def block_diagonal_mass(slash: torch.Tensor, q_len: int, kv_len: int, starts: to
     return ((take(hi) - take(lo)).view(B, h, n, BLOCK).sum(-1) / BLOCK).float()
 
 
-def _mean_pool(x: torch.Tensor) -> torch.Tensor:
+def _mean_pool(x: torch.Tensor, flag: torch.Tensor | None = None) -> torch.Tensor:
     """[h, S, D] -> [h, cdiv(S, BLOCK), D] fp32 means over BLOCK rows (the last block over the rows it has).
 
-    Sums in fp32 straight from x: no fp32 or padded copy of it. On CUDA a Triton kernel does it in one pass."""
+    Sums in fp32 straight from x: no fp32 or padded copy of it. On CUDA a Triton kernel does it in one pass, and
+    skips the heads whose ``flag`` ([h] bool) is off (their means stay 0); the torch path pools every head."""
     if pooled_supported(x):
-        return mean_pool_triton(x)
+        return mean_pool_triton(x, flag)
     S = x.shape[1]
     full = S // BLOCK
     sums = x[:, : full * BLOCK].unflatten(1, (full, BLOCK)).sum(2, dtype=torch.float32)
@@ -473,24 +479,21 @@ def _mean_pool(x: torch.Tensor) -> torch.Tensor:
     return sums / counts[None, :, None]
 
 
-def block_means(q: torch.Tensor, k: torch.Tensor, heads: list[int], kv_start: list[int]) -> tuple[torch.Tensor, ...]:
-    """Block means of the given query heads and of every KV head, in each sample's own block grid (from its first
-    valid query row and key; zeros past its blocks).
+def first_query_rows(q_len: int, kv_len: int, kv_start: list[int]) -> list[int]:
+    """Per sample, the first tensor row of the queries that holds a valid query (host integers)."""
+    return [max(0, s - (kv_len - q_len)) for s in kv_start]
 
-    Returns:
-        pooled_q: [B, len(heads), M, D] fp32. pooled_k: [B, Hkv, N, D] fp32.
-    """
-    B, H, Sq, D = q.shape
-    Sk = k.shape[2]
-    pooled_q = torch.zeros(B, len(heads), cdiv(Sq, BLOCK), D, device=q.device)
-    pooled_k = torch.zeros(B, k.shape[1], cdiv(Sk, BLOCK), D, device=q.device)
+
+def block_means(x: torch.Tensor, first: list[int], flag: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, S, D] queries or keys -> [B, H, cdiv(S, BLOCK), D] fp32 means of each BLOCK rows, in each sample's own
+    block grid: from row ``first[b]`` on (zeros past its blocks). ``flag`` [B, H] bool: on CUDA, only these heads
+    are pooled (the others stay zero)."""
+    B, H, S, D = x.shape
+    out = torch.zeros(B, H, cdiv(S, BLOCK), D, device=x.device)
     for b in range(B):
-        qs = max(0, kv_start[b] - (Sk - Sq))  # first valid query row
-        pq = _mean_pool(q[b, :, qs:])  # every head, pooled before any selection copies it
-        pooled_q[b, :, : pq.shape[1]] = pq if len(heads) == H else pq.index_select(0, const(heads, q.device))
-        pk = _mean_pool(k[b, :, kv_start[b] :])
-        pooled_k[b, :, : pk.shape[1]] = pk
-    return pooled_q, pooled_k
+        pooled = _mean_pool(x[b, :, first[b] :], None if flag is None else flag[b])
+        out[b, :, : pooled.shape[1]] = pooled
+    return out
 
 
 def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: float, kv_start: list[int]) -> torch.Tensor:
@@ -504,16 +507,18 @@ def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: floa
     starts = const(kv_start, q.device)
     _, off = query_offsets(Sq, Sk, starts)
     base = block_bases(Sq, Sk, starts)
-    pooled_q, pooled_k = block_means(q, k, heads, kv_start)
+    flag = torch.zeros(B, H, dtype=torch.bool, device=q.device)
+    flag[:, const(heads, q.device)] = True
+    first = first_query_rows(Sq, Sk, kv_start)
+    pooled_q, pooled_k = block_means(q, first, flag), block_means(k, kv_start)
     for b in range(B):
-        qs = max(0, kv_start[b] - (Sk - Sq))  # first valid query row
-        Mb, Nb = cdiv(Sq - qs, BLOCK), cdiv(Sk - kv_start[b], BLOCK)
+        Mb, Nb = cdiv(Sq - first[b], BLOCK), cdiv(Sk - kv_start[b], BLOCK)
         j = torch.arange(Nb, device=q.device)
         top = base[b, :Mb, None]
         own = (off[b] + torch.arange(Mb, device=q.device) * BLOCK)[:, None] // BLOCK  # block of the first row
         for kv0, kv1, sel in _kv_chunks(heads, group, Mb * Nb * 4):
             rows = const([heads[i] for i in sel], q.device)
-            pq = pooled_q[b, :, :Mb].index_select(0, const(sel, q.device)).unflatten(0, (kv1 - kv0, -1))
+            pq = pooled_q[b, :, :Mb].index_select(0, rows).unflatten(0, (kv1 - kv0, -1))
             scores = (pq @ pooled_k[b, kv0:kv1, None, :Nb].transpose(-1, -2)).flatten(0, 1) * scale  # [h, Mb, Nb]
             scores.masked_fill_(j[None, :] > top, float("-inf"))
             scores.masked_fill_((j[None, :] >= own) & (j[None, :] <= top), float("inf"))

@@ -198,11 +198,9 @@ def make_index(
     last_row = off[:, None] + m[None, :] * BLOCK + BLOCK - 1  # [B, M]
     B, H, V = col_idx.shape
     # Search the list with its padding pushed past every position, so it is sorted end to end.
-    listed = torch.where(cols >= 0, cols.long(), torch.iinfo(torch.int64).max)
-    col_row_cnt = torch.searchsorted(
-        listed.contiguous(), last_row[:, None, :].expand(B, H, -1).contiguous(), right=True
-    )
-    col_row_cnt = col_row_cnt.int()
+    listed = torch.where(cols >= 0, col_idx, torch.iinfo(torch.int32).max)
+    rows = last_row[:, None, :].expand(B, H, -1).int().contiguous()
+    col_row_cnt = torch.searchsorted(listed.contiguous(), rows, right=True, out_int32=True)
     blk_idx, blk_cnt = _listed(blocks)
     return SparseIndex(
         q_len=q_len,

@@ -19,6 +19,9 @@ def test_mean_pool_averages_each_block_of_rows(S, D, dtype):
     want = torch.stack([x[:, i : i + 64].float().mean(1) for i in range(0, S, 64)], 1)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert_close(got, want, 1e-5, 1e-5)
+    flagged = mean_pool_triton(x, torch.tensor([True, False, True], device=DEV))
+    assert_close(flagged[[0, 2]], want[[0, 2]], 1e-5, 1e-5)
+    assert (flagged[1] == 0).all()  # skipped
 
 
 @pytest.mark.parametrize("M,N,D", [(70, 130, 64), (3, 200, 128), (64, 64, 64)])

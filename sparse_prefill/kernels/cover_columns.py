@@ -118,8 +118,8 @@ def _cover_pass(V, starts_ptr, force_ptr, gamma_ptr, per_col_ptr, Stats, Part, C
             before = tl.sum(tl.where(ch < chunk, counts, 0), 0)
             pos = before + tl.cumsum(keep.to(tl.int32), 0) - 1
             cols = Cols + row.to(tl.int64) * Sk
-            tl.store(cols + pos, c.to(tl.int64), mask=keep)
-            tl.store(cols + c, tl.full([CHUNK], -1, tl.int64), mask=(c < Sk) & (c >= tl.sum(counts, 0)))
+            tl.store(cols + pos, c, mask=keep)
+            tl.store(cols + c, tl.full([CHUNK], -1, tl.int32), mask=(c < Sk) & (c >= tl.sum(counts, 0)))
             if chunk == 0:
                 tl.store(Tiles + row, tl.sum(tl.load(TilesPart + row * NCH + ch), 0))
                 tl.store(Gammas + row, gamma)
@@ -137,13 +137,13 @@ def cover_columns_triton(
         gamma: (nheads,) float32 in (0, 1]: the share of the mass the sinks leave that the set must reach.
         per_col: (batch_size, seqlen_k) float32 per local column, summed over the kept ones into ``tiles``.
     Return:
-        cols: (batch_size, nheads, seqlen_k) int64 kept local columns ascending, then -1;
+        cols: (batch_size, nheads, seqlen_k) int32 kept local columns ascending, then -1;
         tiles: (batch_size, nheads) float32, ``per_col`` summed over the kept columns;
         gamma: (batch_size, nheads) float32, the sink-aware share the set reached for.
     """
     B, H, Sk = vertical.shape
     dev = vertical.device
-    cols = torch.empty(B, H, Sk, dtype=torch.int64, device=dev)
+    cols = torch.empty(B, H, Sk, dtype=torch.int32, device=dev)
     tiles = torch.zeros(B, H, dtype=torch.float32, device=dev)
     gammas = torch.zeros_like(tiles)
     if cols.numel() == 0:

@@ -56,8 +56,7 @@ def _cover_rows(
     x = tl.where(target > 0.0, x, float("inf"))  # the forced blocks already reach gamma
     keep = forced | ((free > 0.0) & (free >= x))
     pos = tl.cumsum(keep.to(tl.int32), 0) - 1
-    tl.store(out_ptr + i.to(tl.int64) * stride_oh + m.to(tl.int64) * stride_om + pos, j.to(tl.int64),
-             mask=keep & (pos < K))
+    tl.store(out_ptr + i.to(tl.int64) * stride_oh + m.to(tl.int64) * stride_om + pos, j, mask=keep & (pos < K))
     tl.store(count_ptr + i * tl.num_programs(0) + m, tl.sum(keep.to(tl.int32), 0))
 
 
@@ -70,6 +69,7 @@ def cover_rows_triton(
     flag: torch.Tensor,
     K: int,
     scale: float = 1.0,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Key-block lists of rows of pooled scores.
 
@@ -82,14 +82,16 @@ def cover_rows_triton(
         flag: (heads,) int or bool, rows of heads with 0 are skipped (count 0, list empty).
         K: list width.
         scale: softmax scale applied to ``scores``.
+        out: (heads, rows, K) int32 filled with -1 (any strides with unit stride on K) to write the lists into;
+            ``None``: a new one.
     Return:
-        blocks: (heads, rows, K) int64, each row's set ascending then -1 (cut at K);
+        blocks: (heads, rows, K) int32 (``out``), each row's set ascending then -1 (cut at K);
         count: (heads, rows) int64, the set's size (may exceed K: the row does not fit).
     """
     H, M, N = scores.shape
     scores = scores.float().contiguous()
     lo = lo.to(torch.int32).contiguous()
-    blocks = torch.full((H, M, K), -1, dtype=torch.int64, device=scores.device)
+    blocks = torch.full((H, M, K), -1, dtype=torch.int32, device=scores.device) if out is None else out
     count = torch.zeros(H, M, dtype=torch.int32, device=scores.device)
     if H == 0 or M == 0:
         return blocks, count.long()

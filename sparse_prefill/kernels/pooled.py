@@ -19,9 +19,13 @@ from .sparse_attention import _INTERPRET
 
 
 @triton.jit
-def _mean_pool(X, Out, S, stride_xh, stride_xs, stride_oh, stride_on, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _mean_pool(X, Out, flag_ptr, S, stride_xh, stride_xs, stride_oh, stride_on, BLOCK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, FLAGGED: tl.constexpr):
     h = tl.program_id(0)
     n = tl.program_id(1)
+    if FLAGGED:
+        if tl.load(flag_ptr + h) == 0:
+            return
     rows = n * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, HEAD_DIM)
     x = tl.load(X + h.to(tl.int64) * stride_xh + rows.to(tl.int64)[:, None] * stride_xs + d[None, :],
@@ -59,19 +63,24 @@ def pooled_supported(x: torch.Tensor) -> bool:
     return x.is_cuda and 16 <= D <= 256 and D & (D - 1) == 0
 
 
-def mean_pool_triton(x: torch.Tensor) -> torch.Tensor:
+def mean_pool_triton(x: torch.Tensor, flag: torch.Tensor | None = None) -> torch.Tensor:
     """Block means of rows.
 
     Arguments:
         x: (nheads, seqlen, headdim) fp16/bf16/fp32, unit stride on headdim.
+        flag: (nheads,) int or bool, or None: heads with 0 are skipped (read on the device: no host sync).
     Return:
-        (nheads, cdiv(seqlen, 64), headdim) fp32: the mean of each 64 rows (the last block over the rows it has).
+        (nheads, cdiv(seqlen, 64), headdim) fp32: the mean of each 64 rows (the last block over the rows it has);
+        0 for skipped heads.
     """
     H, S, D = x.shape
-    out = torch.empty(H, triton.cdiv(S, BLOCK), D, dtype=torch.float32, device=x.device)
+    shape = (H, triton.cdiv(S, BLOCK), D)
+    out = (torch.empty if flag is None else torch.zeros)(shape, dtype=torch.float32, device=x.device)
     if out.numel():
+        flags = out if flag is None else flag.to(torch.int32).contiguous()  # unread without a flag
         _mean_pool[(H, out.shape[1])](
-            x, out, S, x.stride(0), x.stride(1), out.stride(0), out.stride(1), BLOCK=BLOCK, HEAD_DIM=D, num_warps=4
+            x, out, flags, S, x.stride(0), x.stride(1), out.stride(0), out.stride(1), BLOCK=BLOCK, HEAD_DIM=D,
+            FLAGGED=flag is not None, num_warps=4,
         )
     return out
 
