@@ -32,6 +32,8 @@ from ..index import BLOCK
 from .sparse_attention import _INTERPRET, _LOG2E
 
 MAX_LAST_Q = 128  # rows held in one tile; longer estimates take the torch path
+MAX_SPLITS = 64  # runs of key tiles per row; their statistics are combined in one [MAX_SPLITS, rows] load, whatever
+# the length, so that one compilation serves every length
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -247,9 +249,8 @@ def vertical_slash_scores_triton(
     reach = (BLOCK_L + BLOCK_N + BLOCK - 3) // BLOCK + 2
     min_run = triton.cdiv(reach, BLOCK_N // BLOCK) - 1 if by_block else 1
     sms = 4 if _INTERPRET else _num_sms(q.device.index or 0)
-    # About 8 programs per SM, each over a run of at least 1/64 of the key tiles (the splits' row statistics are
-    # combined in one [splits, rows] load).
-    per_split = max(triton.cdiv(n_tiles * B * NH * row_tiles, 8 * sms), triton.cdiv(n_tiles, 64), min_run)
+    # About 8 programs per SM, each over a run of at least 1/MAX_SPLITS of the key tiles.
+    per_split = max(triton.cdiv(n_tiles * B * NH * row_tiles, 8 * sms), triton.cdiv(n_tiles, MAX_SPLITS), min_run)
     n_splits = triton.cdiv(n_tiles, per_split)
     mx = torch.empty(B * NH * row_tiles, n_splits, BLOCK_L, dtype=torch.float32, device=q.device)
     sm = torch.empty_like(mx)
@@ -267,7 +268,7 @@ def vertical_slash_scores_triton(
     _col_diag_sums[grid](
         q, k, heads, last_q, starts, mx, sm, vertical, slash, scratch, *strides, Sq, Sk, L, NH, group, per_split,
         n_tiles, n_splits, n_slash, qk_scale,
-        BLOCK_L=BLOCK_L, ROW_TILES=row_tiles, BLOCK_N=BLOCK_N, HEAD_DIM=D, SPLITS=triton.next_power_of_2(n_splits),
+        BLOCK_L=BLOCK_L, ROW_TILES=row_tiles, BLOCK_N=BLOCK_N, HEAD_DIM=D, SPLITS=MAX_SPLITS,
         SKEW=triton.next_power_of_2(BLOCK_L + BLOCK_N - 1), BY_BLOCK=by_block, NB=reach,
         BINS=triton.next_power_of_2(reach), BLOCK=BLOCK, PREC=prec, num_warps=warps,
     )
