@@ -15,7 +15,8 @@ Heads that rank whole block diagonals (``by_block``) need only each block diagon
 ``max(0, 1 - |u / BLOCK - d|)``, ``u = o + BLOCK * (r > 0) - r`` and ``r`` the first query row's position modulo
 BLOCK (the share of a block's rows whose offset ``o`` falls in that key block). Those weights are applied to the
 tile's probabilities in registers, summed into the few block diagonals a tile reaches, and carried from tile to tile
-until no later tile of the program's run can reach them: no scratch, and no skew.
+until no later tile of the program's run can reach them: no scratch, and no skew. A program then takes at most BLOCK
+rows (128 spill registers), and the row tiles' column sums meet in two atomic adds onto zero.
 
 Nothing of size L x S is stored; K is read twice and never repeated for GQA.
 """
@@ -32,8 +33,9 @@ from ..index import BLOCK
 from .sparse_attention import _INTERPRET, _LOG2E
 
 MAX_LAST_Q = 128  # rows held in one tile; longer estimates take the torch path
-MAX_SPLITS = 64  # runs of key tiles per row; their statistics are combined in one [MAX_SPLITS, rows] load, whatever
-# the length, so that one compilation serves every length
+# Runs of key tiles per row at most: their row statistics are combined in one [MAX_SPLITS, rows] load, laid out for
+# this many whatever the length, so that one compilation serves every length.
+MAX_SPLITS = 64
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
