@@ -244,6 +244,10 @@ def test_cover_rows_kernel_equals_the_torch_rows(N, M):
     want, want_count = cover_rows_torch(scores * 0.7, top, lo, sink, gamma, K)
     flag = torch.tensor([True, True, False, True], device=dev)
     got, count = cover_rows_triton(scores, top, lo, sink, gamma, flag, K, 0.7)
+    # Written into a view of a wider -1-filled tensor (as adaptive does, one sample and KV-head run at a time).
+    wider = torch.full((2, h, M + 3, K), -1, dtype=torch.int32, device=dev)
+    cover_rows_triton(scores, top, lo, sink, gamma, flag, K, 0.7, out=wider[1, :, :M])
+    assert torch.equal(wider[1, :, :M], got) and (wider[0] == -1).all() and (wider[1, :, M:] == -1).all()
     compared = 0
     for i in range(h):
         for m in range(M):
