@@ -148,8 +148,9 @@ def _col_diag_sums(Q, K, heads_ptr, last_q_ptr, starts_ptr, Mx, Sm, Vert, Slash,
     acc = tl.zeros([BINS], dtype=tl.float32)
 
     first = tl.maximum(split * tiles_per_split, start // BLOCK_N)
-    # (that lowest u is above -2 * BLOCK_N: shifted up by that to floor-divide a non-negative integer)
-    d0 = (tl.min(u_row) - first * BLOCK_N - BLOCK_N + 1 + 2 * BLOCK_N) // BLOCK - 2 * STEP
+    # (that lowest u is above -(L + BLOCK_N) >= -4 * BLOCK_N: shifted up by that to floor-divide a non-negative
+    # integer)
+    d0 = (tl.min(u_row) - first * BLOCK_N - BLOCK_N + 1 + 4 * BLOCK_N) // BLOCK - 4 * STEP
     for tile in range(first, tl.minimum((split + 1) * tiles_per_split, n_tiles)):
         s = _tile_logits(q, k_base, stride_kn, tile, rows_pos, start, kv_len, qk_scale, BLOCK_N, HEAD_DIM, PREC)
         p = tl.math.exp2(s - lse[:, None])
