@@ -303,22 +303,24 @@ def query_aware_cover(
     max_blocks = [min(s.budget("max_blocks", N), N) for s in specs]
     K = max(max_blocks)
     gamma, limit = _param(specs, "gamma", dev), const(max_blocks, dev)
-    sink = cdiv_tensor(_param(specs, "force_vertical", dev), BLOCK)  # [h] key blocks holding the forced first keys
     nearest = _param(specs, "force_slash", dev).clamp(min=1)
     query_aware = measured["js"] < _param(specs, "tau", dev)
+    # The integer inputs of the row kernels in int32 once: each KV-head run below takes slices, with no conversions.
+    sink = cdiv_tensor(_param(specs, "force_vertical", dev), BLOCK).int()  # [h] key blocks of the forced first keys
+    flags = query_aware.int()
 
     # Query-aware sets: per query block, softmax of pooled q·k over its causal key blocks; one sample at a time.
     blocks = torch.full((B, h, M, K), -1, dtype=torch.int32, device=dev)
     count = torch.zeros(B, h, M, dtype=torch.long, device=dev)
     _, off = query_offsets(q_len, kv_len, geo.starts)
-    base = block_bases(q_len, kv_len, geo.starts)
+    base = block_bases(q_len, kv_len, geo.starts).int()
     for b, qs in enumerate(first_query_rows(q_len, kv_len, kv_start)):
         Mb, Nb = cdiv(q_len - qs, BLOCK), cdiv(kv_len - kv_start[b], BLOCK)
         first = off[b] + torch.arange(Mb, device=dev) * BLOCK  # local position of each query block's first row
-        lo = (first[None, :] - nearest[:, None] + 1).clamp(min=0) // BLOCK  # [h, Mb] forced from this key block on
+        lo = ((first[None, :] - nearest[:, None] + 1).clamp(min=0) // BLOCK).int()  # [h, Mb] forced from this block
         for kv0, kv1, sel in _kv_chunks(heads, group, Mb * Nb * 4 * 4):
             h0, h1 = sel[0], sel[-1] + 1  # heads ascending: a run of KV heads serves consecutive positions
-            pq, pk, flag = pooled_q[b, h0:h1, :Mb], pooled_k[b, kv0:kv1, :Nb], query_aware[b, h0:h1]
+            pq, pk, flag = pooled_q[b, h0:h1, :Mb], pooled_k[b, kv0:kv1, :Nb], flags[b, h0:h1]
             args = (base[b, :Mb], lo[h0:h1], sink[h0:h1], gamma[h0:h1])
             if pq.is_cuda and cover_rows_triton is not None:  # heads that are not query-aware are skipped
                 scores = pooled_scores_triton(pq, pk, base[b, :Mb], flag)
