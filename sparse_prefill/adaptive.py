@@ -38,7 +38,8 @@ that (sample, head) stay empty. So every backend (Triton kernel, blockwise torch
 unchanged.
 
 The work is split as :class:`~sparse_prefill.estimate.LayerPlan`'s stages: :func:`measure` reads q and k once (the
-scores of step 1, the test of step 2, block means of k and of the queries of the heads that passed it),
+scores of step 1, the test of step 2, block means of k and of the queries of the heads that passed it; on CUDA
+the test is two Triton launches, :mod:`sparse_prefill.kernels.query_aware_js`, as measure runs outside the graph),
 :func:`choose` does the rest from those alone, so on CUDA it is replayed as a CUDA graph (at 128K keys on an H200 the
 index of a Llama-3-8B layer went from 26 to 8 ms: launching its kernels one by one cost more host time than the GPU
 spent running them). Everything is batched on the device of q/k with no host synchronisation: budgets that differ
@@ -70,7 +71,13 @@ import torch.nn.functional as F
 
 from .config import UNIT, HeadSpec
 from .estimate import _kv_chunks, block_means, const, first_query_rows, vertical_slash_scores
-from .kernels import cover_columns_triton, cover_rows_triton, pooled_scores_triton
+from .kernels import (
+    cover_columns_triton,
+    cover_rows_triton,
+    pooled_scores_triton,
+    pooled_supported,
+    query_aware_js_triton,
+)
 from .index import (
     BLOCK,
     ascending,
@@ -262,7 +269,8 @@ def query_aware_js(
     """The query-aware test's sqrt JS divergence ([B, h]), every head at once: the mean of each head's last
     ``last_q`` valid queries against the pooled keys (softmax over the sample's key blocks) vs. those queries' true
     attention per key block (``vertical`` [B, h, Sk] summed per block of the sample's grid). ``pooled_k``:
-    :func:`~sparse_prefill.estimate.block_means` of the keys."""
+    :func:`~sparse_prefill.estimate.block_means` of the keys. The torch path, and the reference of
+    :mod:`sparse_prefill.kernels.query_aware_js`."""
     B, H, Sq, _ = q.shape
     Sk, N = vertical.shape[-1], pooled_k.shape[2]
     dev = q.device
@@ -380,7 +388,10 @@ def measure(
     starts = const(kv_start, dev)
     vertical, slash_mass = vertical_slash_scores(q, k, heads, last_q, scale, starts, by_block=True)
     pooled_k = block_means(k, kv_start)
-    js = query_aware_js(q, vertical, pooled_k, specs, heads, scale, starts)
+    if q.is_cuda and query_aware_js_triton is not None and pooled_supported(q):
+        js = query_aware_js_triton(q, vertical, pooled_k, const(heads, dev), const(last_q, dev), scale, starts)
+    else:
+        js = query_aware_js(q, vertical, pooled_k, specs, heads, scale, starts)
     flag = torch.zeros(B, H, dtype=torch.bool, device=dev)
     flag[:, const(heads, dev)] = js < _param(specs, "tau", dev)
     pooled_q = block_means(q, first_query_rows(Sq, k.shape[2], kv_start), flag)

@@ -295,6 +295,51 @@ def test_cover_columns_kernel_equals_the_torch_columns(Sk, starts):
     torch.testing.assert_close(got_gamma, want_gamma)
 
 
+def _js_both(Sq, Sk, starts, dtype, dev):
+    """(kernel, torch) query-aware JS of 3 heads of different ``last_q`` on 2 KV heads (one unselected query
+    head in between), from real vertical scores."""
+    from sparse_prefill.adaptive import query_aware_js
+    from sparse_prefill.estimate import block_means, const, vertical_slash_scores
+    from sparse_prefill.kernels import query_aware_js_triton
+
+    g = torch.Generator().manual_seed(Sk)
+    B, D = len(starts), 64
+    q = (torch.randn(B, 4, Sq, D, generator=g) * 2).to(dev, dtype)
+    k = (torch.randn(B, 2, Sk, D, generator=g) * 2).to(dev, dtype)
+    k[:, 1, ::7] += 3 * q[:, 3, -1:]  # head 3 attends a block-spread set of keys
+    heads, last_q = [0, 1, 3], [16, 40, 128]
+    specs = [spec("adaptive", last_q=n) for n in last_q]
+    st = const(starts, dev)
+    vertical, _ = vertical_slash_scores(q, k, heads, last_q, D**-0.5, st)
+    pooled_k = block_means(k, starts)
+    got = query_aware_js_triton(q, vertical, pooled_k, const(heads, dev), const(last_q, dev), D**-0.5, st)
+    return got, query_aware_js(q, vertical, pooled_k, specs, heads, D**-0.5, st)
+
+
+@pytest.mark.parametrize(
+    "Sq,Sk,starts,dtype",
+    [(200, 200, [0, 37], torch.float32), (70, 8300, [0, 5], torch.float16), (64, 129, [0, 128], torch.float32)],
+)
+def test_query_aware_js_kernel_equals_the_torch_test(Sq, Sk, starts, dtype):
+    """The Triton test (interpreted without CUDA) gives torch's divergence with left padding, chunked prefill (fewer
+    queries than keys), per-head last_q windows, GQA and key blocks spread over two programs (130 > 128); a sample
+    with one key block gives 0."""
+    pytest.importorskip("triton")
+    got, want = _js_both(Sq, Sk, starts, dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    assert got.shape == want.shape == (len(starts), 3)
+    assert_close(got, want, 1e-4, 1e-4)
+    assert got.max() > 0.05  # not a trivially equal 0
+    if Sk - starts[-1] <= 64:
+        assert (got[-1] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_query_aware_js_bf16_long():
+    got, want = _js_both(2048, 32768, [0, 1000], torch.bfloat16, "cuda")
+    assert_close(got, want, 1e-4, 1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("S", [4096, 32768])
