@@ -296,7 +296,7 @@ def query_aware_cover(
     """The block-sparse sets of adaptive heads, one sample at a time (each in its own grid).
 
     Args:
-        measured: :func:`measure` of the call (``js``, ``pooled_q``, ``pooled_k``).
+        measured: :func:`measure` of the call (``query_aware``, ``pooled_q``, ``pooled_k``).
         group: query heads per KV head.
     Returns:
         blocks: [B, h, M, K] key blocks per query block ascending, -1 past the set.
@@ -312,7 +312,7 @@ def query_aware_cover(
     K = max(max_blocks)
     gamma, limit = _param(specs, "gamma", dev), const(max_blocks, dev)
     nearest = _param(specs, "force_slash", dev).clamp(min=1)
-    query_aware = measured["js"] < _param(specs, "tau", dev)
+    query_aware = measured["query_aware"]
     # The integer inputs of the row kernels in int32 once: each KV-head run below takes slices, with no conversions.
     sink = cdiv_tensor(_param(specs, "force_vertical", dev), BLOCK).int()  # [h] key blocks of the forced first keys
     flags = query_aware.int()
@@ -370,11 +370,11 @@ def measure(
 ) -> dict[str, torch.Tensor]:
     """Everything the choice of the adaptive heads of one layer call reads from q and k: ``vertical`` scores
     [B, h, Sk], ``slash_mass`` (slash scores by block diagonal) [B, h, N], the query-aware test's ``js`` [B, h]
-    (:func:`query_aware_js`), and fp32 block means in each sample's own grid (zeros past its blocks): ``pooled_k``
-    [B, Hkv, N, D], and ``pooled_q`` [B, h, M, D] (on CUDA only the query-aware heads' queries are pooled: the others'
-    stay 0, unread). :func:`choose` depends on nothing else, so :class:`~sparse_prefill.estimate.LayerPlan` replays it
-    as a CUDA graph: its few hundred small kernels would otherwise cost more host time to launch than the GPU spends
-    running them.
+    (:func:`query_aware_js`) and its outcome ``query_aware`` (``js < tau``, bool [B, h]), and fp32 block means in
+    each sample's own grid (zeros past its blocks): ``pooled_k`` [B, Hkv, N, D], and ``pooled_q`` [B, h, M, D] (on
+    CUDA only the query-aware heads' queries are pooled: the others' stay 0, unread). :func:`choose` depends on
+    nothing else, so :class:`~sparse_prefill.estimate.LayerPlan` replays it as a CUDA graph: its few hundred small
+    kernels would otherwise cost more host time to launch than the GPU spends running them.
 
     Args:
         q: [B, Hq, Sq, D] queries after RoPE; k: [B, Hkv, Sk, D] keys (the full cache, Sq <= Sk).
@@ -388,15 +388,23 @@ def measure(
     starts = const(kv_start, dev)
     vertical, slash_mass = vertical_slash_scores(q, k, heads, last_q, scale, starts, by_block=True)
     pooled_k = block_means(k, kv_start)
-    if q.is_cuda and query_aware_js_triton is not None and pooled_supported(q):
+    if pooled_supported(q):  # on CUDA with Triton, as the block means
         js = query_aware_js_triton(q, vertical, pooled_k, const(heads, dev), const(last_q, dev), scale, starts)
     else:
         js = query_aware_js(q, vertical, pooled_k, specs, heads, scale, starts)
+    query_aware = js < _param(specs, "tau", dev)
     flag = torch.zeros(B, H, dtype=torch.bool, device=dev)
-    flag[:, const(heads, dev)] = js < _param(specs, "tau", dev)
+    flag[:, const(heads, dev)] = query_aware
     pooled_q = block_means(q, first_query_rows(Sq, k.shape[2], kv_start), flag)
     pooled_q = pooled_q if len(heads) == H else pooled_q.index_select(1, const(heads, dev))
-    return {"vertical": vertical, "slash_mass": slash_mass, "js": js, "pooled_q": pooled_q, "pooled_k": pooled_k}
+    return {
+        "vertical": vertical,
+        "slash_mass": slash_mass,
+        "js": js,
+        "query_aware": query_aware,
+        "pooled_q": pooled_q,
+        "pooled_k": pooled_k,
+    }
 
 
 def choose(
