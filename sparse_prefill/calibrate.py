@@ -5,8 +5,9 @@
 1. Prompts are built in code (deterministic under ``--seed``): passkey, key-value retrieval and multi-needle prompts,
    and raw windows of natural English (CPython's own reference manual, ``pydoc_data.topics``; no download).
 2. One dense prefill per prompt captures every layer's post-RoPE q/k through transformers' attention interface.
-3. For every layer, each candidate (A-shape, vertical-slash and block-sparse at several budgets, and dense) is built
-   for all heads at once with :func:`~sparse_prefill.estimate.build_index`, and scored per head by
+3. For every layer, each candidate (A-shape, vertical-slash and block-sparse at several budgets, adaptive at several
+   ``gamma``, and dense) is built for all heads at once with :func:`~sparse_prefill.estimate.build_index`, as at run
+   time (so an adaptive candidate's sets are the ones it picks for that prompt), and scored per head by
    * attention recall: the share of the true softmax mass inside the candidate's mask (the kernels' exact key set,
      as :func:`~sparse_prefill.index.sample_mask` gives it), averaged over query rows sampled uniformly over the
      prompt and, separately, over its last rows (where the next tokens are read); the worse of the two counts;
@@ -58,6 +59,9 @@ def _spec(pattern: str, **params) -> HeadSpec:
 
 # Cheap, static patterns first: on equal density the first candidate wins. Vertical-slash heads pick their slash
 # blocks by mass ("block", the default), so small slash budgets stay cheap; verticals are single columns and cheap too.
+# Adaptive heads set their budget per input, so a head whose need varies between prompts pays for each prompt's
+# need instead of a static budget sized for the worst one; they come last because their estimate costs more than a
+# static pattern's (so an adaptive head that would always run dense loses the tie to dense).
 CANDIDATES: list[HeadSpec] = (
     [_spec("a_shape", sink=64, local=f) for f in (0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3)]
     + [_spec("block_sparse", top_k=f) for f in (0.1, 0.2, 0.3)]
@@ -67,7 +71,9 @@ CANDIDATES: list[HeadSpec] = (
         + [(0.3, 0.2), (0.5, 0.2)]
     ]
     + [_spec("dense")]
+    + [_spec("adaptive", gamma=g) for g in (0.8, 0.85, 0.9, 0.95)]
 )
+PATTERNS = tuple(dict.fromkeys(c.pattern for c in CANDIDATES if c.pattern != "dense"))
 
 
 # --- calibration text and prompts ---------------------------------------------------------------------------------
@@ -338,12 +344,12 @@ def build_config(info: ModelInfo, choice, recall, density, candidates, min_seq_l
 
 def summary(config: SparseConfig) -> str:
     """Per layer: pattern counts, mean density, min recall; then the totals."""
-    short = {"dense": "D", "a_shape": "A", "vertical_slash": "VS", "block_sparse": "BS"}
+    short = {"dense": "D", "a_shape": "A", "vertical_slash": "VS", "block_sparse": "BS", "adaptive": "AD"}
     rec, dens = config.provenance["recall"], config.provenance["density"]
-    lines = [f"{'layer':>5}  {'patterns':<24} {'density':>7} {'min recall':>10}"]
+    lines = [f"{'layer':>5}  {'patterns':<29} {'density':>7} {'min recall':>10}"]
     for li, heads in enumerate(config.layers):
         counts = " ".join(f"{short[p]}:{sum(h.pattern == p for h in heads)}" for p in short)
-        lines.append(f"{li:>5}  {counts:<24} {sum(dens[li]) / len(heads):>7.3f} {min(rec[li]):>10.4f}")
+        lines.append(f"{li:>5}  {counts:<29} {sum(dens[li]) / len(heads):>7.3f} {min(rec[li]):>10.4f}")
     flat = [d for row in dens for d in row]
     mix = ", ".join(f"{p} {sum(h.pattern == p for row in config.layers for h in row)}" for p in short)
     lines.append(f"total  {mix}; mean density {sum(flat) / len(flat):.3f}; min recall {min(map(min, rec)):.4f}")
@@ -381,6 +387,7 @@ def calibrate(
         "samples": [{"kind": p.kind, "tokens": len(p.ids)} for p in prompts],
         "seed": seed,
         "text": "pydoc_data.topics (calibration split)" if text is None else "user text",
+        "patterns": list(dict.fromkeys(c.pattern for c in candidates)),
         "recall_target": target,
         "budget": budget,
         "rows": {"uniform": UNIFORM_ROWS, "last": LAST_ROWS},
@@ -418,6 +425,14 @@ def _budget(value: str) -> float | None:
     return None if value.lower() == "none" else _fraction(value)
 
 
+def _patterns(value: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in value.split(","))
+    if unknown := [name for name in names if name not in PATTERNS]:
+        expected = ", ".join(PATTERNS)
+        raise argparse.ArgumentTypeError(f"unknown pattern {unknown[0]!r}: expected a comma list of {expected}")
+    return names
+
+
 def _positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
@@ -437,6 +452,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=parse_lengths, default=[2048, 4096], help="prompt lengths, e.g. 2k,4k")
     p.add_argument("--samples", type=_positive, default=4, help="prompts per length (kinds in turn)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--patterns",
+        type=_patterns,
+        default=PATTERNS,
+        help=f"candidate patterns, a comma list of {', '.join(PATTERNS)} (default all); dense is always one",
+    )
     p.add_argument("--recall", type=_fraction, default=0.9, help="recall a head must reach on every sample, in (0, 1]")
     p.add_argument(
         "--budget",
@@ -489,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         args.budget,
         args.text.read_text() if args.text else None,
         args.min_seq_len,
+        [c for c in CANDIDATES if c.pattern in (*args.patterns, "dense")],
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     save_config(config, out)

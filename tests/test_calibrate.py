@@ -106,6 +106,25 @@ def test_heads_nothing_sparse_fits_stay_dense(synthetic):
     assert [grid[c].pattern for c in choice.tolist()] == ["a_shape", "dense", "dense"]
 
 
+def test_a_head_whose_need_varies_by_prompt_goes_adaptive():
+    """A head that needs nearly every key on one prompt and only its sinks and local window on another: a static
+    pattern pays the first prompt's cost on both, an adaptive one each prompt's own."""
+    sinks = {j: 2.0 for j in range(4)}
+    scored = [
+        C.score_layer(q[None, None], k[None, None], 1.0, C.CANDIDATES, C.row_groups(S, random.Random(i)))
+        for i, (q, k) in enumerate([typed_head(0.006, sinks), typed_head(0.2, sinks)])
+    ]
+    rec, dens = (torch.stack(t)[:, None] for t in zip(*scored))  # [2 prompts, 1 layer, C, 1 head]
+    choice = C.select(rec, dens, C.CANDIDATES, target=0.95)[0, 0]
+    assert C.CANDIDATES[choice].pattern == "adaptive"
+    assert dens[0, 0, choice, 0] == 1 and dens[1, 0, choice, 0] < 0.5  # dense where needed, sparse where not
+    static = [c for c, spec in enumerate(C.CANDIDATES) if spec.pattern != "adaptive"]
+    without = C.select(rec[:, :, static], dens[:, :, static], [C.CANDIDATES[c] for c in static], target=0.95)[0, 0]
+    assert C.CANDIDATES[static[without]].pattern == "dense"
+    # On the first prompt alone adaptive runs dense too: dense wins the tie, as it needs no estimate.
+    assert C.CANDIDATES[C.select(rec[:1], dens[:1], C.CANDIDATES, target=0.95)[0, 0]].pattern == "dense"
+
+
 def full_recall(q, k, index, scale, rows):
     """The definition: explicit [B, H, S, S] mask and softmax."""
     group = q.shape[1] // k.shape[1]
@@ -223,6 +242,7 @@ def test_calibrate_end_to_end_is_deterministic(tiny_llama, tmp_path):
     prov = a.provenance
     assert prov["seed"] == 5 and prov["lengths"] == [512] and prov["recall_target"] == 0.3
     assert [s["kind"] for s in prov["samples"]] == ["natural", "multi_needle"]
+    assert prov["patterns"] == ["a_shape", "block_sparse", "vertical_slash", "dense", "adaptive"]
     recall = [r for row in prov["recall"] for r in row]
     density = [d for row in prov["density"] for d in row]
     assert len(recall) == len(density) == 8 and min(recall) >= 0.3
@@ -230,6 +250,20 @@ def test_calibrate_end_to_end_is_deterministic(tiny_llama, tmp_path):
     save_config(a, tmp_path / "c.json")
     assert load_config(tmp_path / "c.json").to_dict() == a.to_dict()
     assert "mean density" in C.summary(a)
+
+
+def test_command_line_calibrates_with_the_patterns_asked_for(tiny_llama, tmp_path, monkeypatch, capsys):
+    import sparse_prefill.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *args: (tiny_llama, CharTokenizer()))
+    out = tmp_path / "c.json"
+    argv = ["--model", "tiny", "--lengths", "512", "--samples", "1", "--recall", "0.3", "--budget", "none"]
+    assert C.main([*argv, "--patterns", "a_shape", "--out", str(out)]) == 0
+    config = load_config(out)
+    assert config.provenance["patterns"] == ["a_shape", "dense"]
+    assert {h.pattern for row in config.layers for h in row} <= {"a_shape", "dense"}
+    assert "a_shape" in {h.pattern for row in config.layers for h in row}  # a random model's heads fit it at 0.3
+    assert "AD:0" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -244,6 +278,8 @@ def test_calibrate_end_to_end_is_deterministic(tiny_llama, tmp_path):
         (["--budget", "1.2"], "(0, 1]"),
         (["--model", "/no/such/model"], "--model"),
         (["--text", "/no/such/file.txt"], "--text"),
+        (["--patterns", "vertical_slash,vs"], "unknown pattern 'vs'"),
+        (["--patterns", "dense"], "unknown pattern 'dense'"),
     ],
 )
 def test_bad_arguments_exit_2(argv, message, capsys):
@@ -257,6 +293,8 @@ def test_parse_arguments():
     assert C.parse_lengths("2k,4K, 6000") == [2048, 4096, 6000]
     args = C.parser().parse_args(["--budget", "none", "--recall", "1"])
     assert args.budget is None and args.recall == 1.0
+    assert args.patterns == C.PATTERNS == ("a_shape", "block_sparse", "vertical_slash", "adaptive")
+    assert C.parser().parse_args(["--patterns", "vertical_slash,adaptive"]).patterns == ("vertical_slash", "adaptive")
 
 
 def test_script_wrapper_reports_bad_args():
