@@ -39,8 +39,11 @@ def _describe(results: dict) -> str:
     """The config of a run, with an adaptive config's thresholds (they are what tells adaptive runs apart)."""
     cfg = results["meta"]["config"]
     heads = [h for layer in cfg["json"]["layers"] for h in layer if h["pattern"] == "adaptive"]
-    extra = f" (gamma {heads[0]['gamma']:g}, tau {heads[0]['tau']:g})" if heads else ""
-    return cfg["source"] + extra
+    if not heads:
+        return cfg["source"]
+    values = {name: sorted({h[name] for h in heads}) for name in ("gamma", "tau")}
+    shown = ", ".join(f"{name} {' / '.join(f'{v:g}' for v in vs)}" for name, vs in values.items())
+    return f"{cfg['source']} ({len(heads)} adaptive heads: {shown})"
 
 
 def compare(runs: list[tuple[str, dict]]) -> tuple[str, dict]:

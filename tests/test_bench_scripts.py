@@ -132,3 +132,16 @@ def test_crossover_smoke_run(tmp_path):
     assert [(r["head_dim"], r["S"]) for r in record["rows"]] == [(64, 256), (64, 512), (64, 1024)]
     assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in record["rows"])
     assert "Table lines" in open(f"{out}.md").read()
+
+
+def test_compare_evals_names_each_runs_adaptive_thresholds():
+    describe = load("compare_evals")._describe
+
+    def results(*heads):
+        return {"meta": {"config": {"source": "cfg.json", "json": {"layers": [list(heads)]}}}}
+
+    adaptive = {"pattern": "adaptive", "gamma": 0.9, "tau": 0.1}
+    assert describe(results({"pattern": "dense"})) == "cfg.json"
+    assert describe(results(adaptive, {"pattern": "dense"})) == "cfg.json (1 adaptive heads: gamma 0.9, tau 0.1)"
+    mixed = results(adaptive, {**adaptive, "gamma": 0.8}, {**adaptive, "gamma": 0.9})
+    assert describe(mixed) == "cfg.json (3 adaptive heads: gamma 0.8 / 0.9, tau 0.1)"
