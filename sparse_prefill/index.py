@@ -185,7 +185,7 @@ def make_index(
     Args:
         kv_start: [B] first valid key column per sample.
         diag_mask: [B, H, N] bool block diagonals.
-        cols: [B, H, V] int64 local key columns, ascending then ``-1`` for none (:func:`ascending`).
+        cols: [B, H, V] integer local key columns, ascending then ``-1`` for none (:func:`ascending`).
         blocks: [B, H, M, K] integer key blocks per query block, ascending then ``-1`` (K may be 0).
 
     The lists come sorted from their producers, which know their width: sorting the widest list of the layer here
