@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from .base import Adapter, UnsupportedModelError
 from .llama import ADAPTER as LLAMA
+from .mistral import ADAPTER as MISTRAL
 from .qwen2 import ADAPTER as QWEN2
+from .qwen3 import ADAPTER as QWEN3
 
-ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (LLAMA, QWEN2)}
+ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3)}
 
 
 def adapter_for(model, force: bool = False) -> Adapter:

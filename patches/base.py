@@ -44,5 +44,11 @@ class Adapter:
         return getattr(attention, "q_proj", None), getattr(attention, "k_proj", None)
 
     def dense_layers(self, model) -> set[int]:
-        """Layers whose attention the sparse patterns do not model (they stay dense)."""
-        return set()
+        """Layers whose attention the sparse patterns do not model (they stay dense): sliding-window layers, as
+        ``config.layer_types`` names them, or every layer of a config with a ``sliding_window`` and no layer types
+        (Mistral's layout). Their mask is a band, not causal."""
+        c = model.config
+        types = getattr(c, "layer_types", None)
+        if types:
+            return {i for i, t in enumerate(types) if t != "full_attention"}
+        return set(range(c.num_hidden_layers)) if getattr(c, "sliding_window", None) else set()

@@ -1,4 +1,4 @@
-"""Llama (and SmolLM2, Mistral-style Llama checkpoints): the generic layout, every layer full causal attention."""
+"""Llama (and SmolLM2): the generic layout, every layer full causal attention."""
 
 from .base import Adapter
 

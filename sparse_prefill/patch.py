@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import weakref
 from importlib import resources
 from pathlib import Path
@@ -23,6 +24,7 @@ MODES = ("config", "adaptive")
 
 # model -> (implementation it had before the first patch, its PatchState).
 _PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+logger = logging.getLogger("sparse_prefill")
 
 
 def _register() -> None:
@@ -82,7 +84,8 @@ def patch_model(
     """Make ``model``'s prefill attention sparse, per head, through transformers' attention interface.
 
     Args:
-        model: a transformers causal LM of a supported type (``llama``, ``qwen2``).
+        model: a transformers causal LM of a supported type (``llama``, ``mistral``, ``qwen2``, ``qwen3``).
+            Sliding-window layers stay dense.
         config: a JSON path, a dict in the same schema, a :class:`SparseConfig`, or None: the shipped config made for
             this model if there is one, else vertical-slash on every head at MInference's budgets
             (1000 columns, 6096 diagonals, 64 estimation queries). Must be None with ``mode="adaptive"``.
@@ -144,6 +147,12 @@ def patch_model(
     cfg.check_model(info)
     modules = adapter.attention_modules(model)
     dense_layers = adapter.dense_layers(model)
+    if len(dense_layers) == len(modules):
+        logger.warning(
+            "model: every layer uses sliding-window attention (config.sliding_window=%s), which stays dense: "
+            "nothing will run sparse",
+            getattr(model.config, "sliding_window", None),
+        )
     shards = [head_shard(*adapter.head_projections(module), info) for module in modules]
 
     _register()

@@ -23,9 +23,13 @@ if os.environ.get("CI"):
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
 
+KINDS = ("llama", "mistral", "qwen2", "qwen3")  # the model types with an adapter
+
+
 def tiny_model(kind: str = "llama", **overrides):
-    """A random-init 2-layer Llama (or Qwen2) with 4 query / 2 KV heads: nothing is downloaded."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A random-init 2-layer model of type ``kind`` (:data:`KINDS`) with 4 query / 2 KV heads of 16 dims, full
+    causal attention unless ``overrides`` say otherwise: nothing is downloaded."""
+    import transformers
 
     torch.manual_seed(0)
     shape = dict(
@@ -35,10 +39,14 @@ def tiny_model(kind: str = "llama", **overrides):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=16,
         max_position_embeddings=1024,
     )
-    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (LlamaConfig, LlamaForCausalLM)
-    return model_cls(config_cls(**{**shape, **overrides})).eval()
+    if kind == "mistral":
+        shape["sliding_window"] = None  # MistralConfig's default is 4096 (every layer a sliding-window layer)
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
+    config = getattr(transformers, f"{name}Config")(**{**shape, **overrides})
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
 
 
 def spec(pattern: str, **params) -> HeadSpec:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
-from conftest import assert_close, tiny_model
+from conftest import KINDS, assert_close, tiny_model
 from sparse_prefill import (
     ConfigError,
     SparseConfig,
@@ -56,7 +56,7 @@ def test_unpatch_restores_bit_identical_outputs():
     unpatch_model(model)  # and so is unpatching twice
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     "head",
     [
@@ -122,17 +122,32 @@ def test_mask_other_than_left_padding_runs_dense_with_one_warning(caplog):
     assert len([r for r in caplog.records if "left padding" in r.message]) == 1
 
 
-def test_qwen2_sliding_window_layers_stay_dense():
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_sliding_window_layers_stay_dense(kind):
     model = tiny_model(
-        "qwen2",
+        kind,
         use_sliding_window=True,
         sliding_window=64,
         max_window_layers=1,
         layer_types=["full_attention", "sliding_attention"],
     )
-    patch_model(model, config_for(model, **SPARSE))
-    logits(model, IDS)
-    assert [r.path for r in last_report(model)] == ["sparse", "dense"]
+    dense = logits(model, IDS)
+    patch_model(model, config_for(model, pattern="vertical_slash", vertical=400, slash=400))
+    assert_close(logits(model, IDS), dense, 1e-4, 1e-4)  # the band mask of layer 1 was kept
+    assert [(r.path, r.reason) for r in last_report(model)] == [("sparse", ""), ("dense", "all heads dense")]
+
+
+def test_mistral_with_a_sliding_window_stays_dense_with_a_warning(caplog):
+    model = tiny_model("mistral", sliding_window=64)
+    dense = logits(model, IDS)
+    with caplog.at_level(logging.WARNING, logger="sparse_prefill"):
+        patch_model(model, config_for(model, **SPARSE))
+    assert [r.message for r in caplog.records] == [
+        "model: every layer uses sliding-window attention (config.sliding_window=64), which stays dense: "
+        "nothing will run sparse"
+    ]
+    assert torch.equal(logits(model, IDS), dense)
+    assert [(r.path, r.reason) for r in last_report(model)] == [("dense", "all heads dense")] * 2
 
 
 def test_unsupported_model_is_refused_and_left_alone():
@@ -171,7 +186,7 @@ def test_default_config_without_a_shipped_one():
     assert {s.pattern for heads in config.layers for s in heads} == {"vertical_slash"}
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_adaptive_mode_needs_no_config(kind):
     model = tiny_model(kind)
     dense = logits(model, IDS)
@@ -315,8 +330,9 @@ def test_smollm2_sparse_answers_the_passkey(smollm2, passkey):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dense", [(), (1, 2)])  # dense heads run on SDPA next to the kernel, one call per KV head
-def test_gpu_kernel_path_matches_the_torch_path(dtype, dense):
-    model = tiny_model(head_dim=64).to("cuda", dtype)  # the kernels take head_dim 64 and 128
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_kernel_path_matches_the_torch_path(dtype, dense, kind):
+    model = tiny_model(kind, head_dim=64).to("cuda", dtype)  # the kernels take head_dim 64 and 128
     ids = torch.randint(0, 128, (2, 700), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :90] = 0
