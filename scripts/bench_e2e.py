@@ -1,5 +1,5 @@
-"""End-to-end prefill speed: time to first token of random-init Llama-3-8B- and Qwen2-7B-shaped models, dense vs
-patched, on one GPU.
+"""End-to-end prefill speed: time to first token of random-init models shaped like Llama-3-8B and Qwen2-7B (and
+Qwen3-8B, with ``--models``), dense vs patched, on one GPU.
 
     python scripts/bench_e2e.py --out benchmarks/results/bench_e2e_h100         # H100: ~6-7 minutes
     python scripts/bench_e2e.py --smoke --out /tmp/e2e/bench_e2e_smoke          # CPU, tiny models, seconds
@@ -60,7 +60,7 @@ from sparse_prefill.config import FORMAT, PATTERN_DEFAULTS, ModelInfo  # noqa: E
 from sparse_prefill.devices import flash_attn_error  # noqa: E402
 from sparse_prefill.patches import adapter_for  # noqa: E402
 
-# Shapes of the real models (config.json of Meta-Llama-3-8B and Qwen2-7B).
+# Shapes of the real models (config.json of Meta-Llama-3-8B, Qwen2-7B and Qwen3-8B).
 MODELS = {
     "llama3-8b": (
         "llama",
@@ -86,6 +86,22 @@ MODELS = {
             num_hidden_layers=28,
             num_attention_heads=28,
             num_key_value_heads=4,
+            head_dim=128,
+            rope_theta=1000000.0,
+            max_position_embeddings=131072 + 1024,
+            use_sliding_window=False,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-8b": (
+        "qwen3",
+        dict(
+            vocab_size=151936,
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
             head_dim=128,
             rope_theta=1000000.0,
             max_position_embeddings=131072 + 1024,
@@ -126,12 +142,12 @@ def register_skip() -> None:
 
 def build_model(name: str, smoke: bool, device: str, dtype: torch.dtype):
     """A random-init model of the named shape, created directly on ``device`` in ``dtype``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, shape = MODELS[name]
     if smoke:
         shape = {**SMOKE_SHAPE, **{k: v for k, v in shape.items() if k in ("rope_theta", "use_sliding_window")}}
-    config = (Qwen2Config if model_type == "qwen2" else LlamaConfig)(**shape)
+    config = AutoConfig.for_model(model_type, **shape)
     config._name_or_path = name
     torch.manual_seed(0)
     with torch.device(device):

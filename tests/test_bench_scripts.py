@@ -86,21 +86,21 @@ def test_targets_report_met_and_missed():
 def test_e2e_smoke_run(tmp_path, capsys):
     bench = load("bench_e2e")
     out = tmp_path / "e2e"
-    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--models", "llama3-8b,qwen2-7b,qwen3-8b", "--out", str(out)]) == 0
     table = list(csv.DictReader(open(f"{out}.csv")))
     configs = ["dense", "ceiling", "vertical_slash", "mixed"] + (["adaptive"] if "adaptive" in PATTERN_DEFAULTS else [])
     assert [(r["model"], r["S"], r["config"]) for r in table] == [
-        (m, str(S), c) for m in ("llama3-8b", "qwen2-7b") for S in (128, 256) for c in configs
+        (m, str(S), c) for m in ("llama3-8b", "qwen2-7b", "qwen3-8b") for S in (128, 256) for c in configs
     ]
     by = {(r["model"], r["S"], r["config"]): r for r in table}
     assert by["llama3-8b", "128", "vertical_slash"]["path"].startswith("dense fallback: kv_len 128 < min_seq_len 200")
-    assert by["llama3-8b", "256", "mixed"]["path"] == "sparse 2/2"
+    assert by["llama3-8b", "256", "mixed"]["path"] == by["qwen3-8b", "256", "vertical_slash"]["path"] == "sparse 2/2"
     assert float(by["qwen2-7b", "256", "dense"]["speedup"]) == 1.0
     ceiling = by["qwen2-7b", "256", "ceiling"]
     assert float(ceiling["of_ceiling"]) == pytest.approx(1.0) and float(ceiling["attn_ms_per_layer"]) == 0.0
     assert all(r["torch"] and r["transformers"] and r["device"].startswith("CPU") for r in table)
     md = open(f"{out}.md").read()
-    assert "SMOKE RUN" in md and "## llama3-8b: TTFT" in md and md.count("decode check:") == 2
+    assert "SMOKE RUN" in md and "## llama3-8b: TTFT" in md and md.count("decode check:") == 3
     assert "6 decode attention calls (3 steps x 2 layers), all on transformers' stock SDPA" in md
 
 
