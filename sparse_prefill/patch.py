@@ -147,13 +147,13 @@ def patch_model(
     cfg.check_model(info)
     modules = adapter.attention_modules(model)
     dense_layers = adapter.dense_layers(model)
+    shards = [head_shard(*adapter.head_projections(module), info) for module in modules]
     if len(dense_layers) == len(modules):
         logger.warning(
             "model: every layer uses sliding-window attention (config.sliding_window=%s), which stays dense: "
             "nothing will run sparse",
             getattr(model.config, "sliding_window", None),
         )
-    shards = [head_shard(*adapter.head_projections(module), info) for module in modules]
 
     _register()
     previous = _PATCHED[model][0] if model in _PATCHED else model.config._attn_implementation
