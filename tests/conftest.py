@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 from hypothesis import settings  # noqa: E402
 
 from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec  # noqa: E402
+from sparse_prefill.patches import ADAPTERS  # noqa: E402
 
 # CI replays the same random examples every run (a red CI then means a regression, not a newly drawn case); local
 # runs keep exploring new ones.
@@ -23,13 +24,13 @@ if os.environ.get("CI"):
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
 
-KINDS = ("llama", "mistral", "qwen2", "qwen3")  # the model types with an adapter
+KINDS = tuple(ADAPTERS)  # the model types with an adapter
 
 
 def tiny_model(kind: str = "llama", **overrides):
     """A random-init 2-layer model of type ``kind`` (:data:`KINDS`) with 4 query / 2 KV heads of 16 dims, full
     causal attention unless ``overrides`` say otherwise: nothing is downloaded."""
-    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     shape = dict(
@@ -44,9 +45,7 @@ def tiny_model(kind: str = "llama", **overrides):
     )
     if kind == "mistral":
         shape["sliding_window"] = None  # MistralConfig's default is 4096 (every layer a sliding-window layer)
-    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
-    config = getattr(transformers, f"{name}Config")(**{**shape, **overrides})
-    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{**shape, **overrides})).eval()
 
 
 def spec(pattern: str, **params) -> HeadSpec:
