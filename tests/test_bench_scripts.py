@@ -145,3 +145,28 @@ def test_compare_evals_names_each_runs_adaptive_thresholds():
     assert describe(results(adaptive, {"pattern": "dense"})) == "cfg.json (1 adaptive heads: gamma 0.9, tau 0.1)"
     mixed = results(adaptive, {**adaptive, "gamma": 0.8}, {**adaptive, "gamma": 0.9})
     assert describe(mixed) == "cfg.json (3 adaptive heads: gamma 0.8 / 0.9, tau 0.1)"
+
+
+def test_recall_bench_keeps_everything_dense_and_less_at_a_lower_gamma(smollm2, passkey):
+    from sparse_prefill import SparseConfig
+    from sparse_prefill.patches import adapter_for
+
+    bench = load("bench_recall")
+    model, _ = smollm2
+    info = adapter_for(model).model_info(model)
+    specs = bench.settings(SparseConfig.uniform(info, "dense"), [1.0, 0.5])
+    out = bench.measure(model, passkey[0], specs, seed=0)
+    assert list(out) == ["config", "adaptive, gamma 1.0", "adaptive, gamma 0.5"]
+    assert out["config"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)  # dense: every tile, all the attention
+    assert out["adaptive, gamma 1.0"][1:] == pytest.approx([1.0, 1.0], abs=1e-5)  # every key with mass is kept
+    (d_full, _, _), (d_half, uniform, last) = out["adaptive, gamma 1.0"], out["adaptive, gamma 0.5"]
+    assert d_half < d_full and uniform < 0.999 and last >= 0.5
+
+
+def test_recall_bench_writes_its_table(tmp_path):
+    out = tmp_path / "recall.md"
+    argv = ["--tasks", "passkey", "--length", "1k", "--gammas", "0.9", "--out", str(out)]
+    assert load("bench_recall").main(argv) == 0
+    text = out.read_text()
+    assert "`python scripts/bench_recall.py --tasks passkey --length 1k --gammas 0.9 --out" in text
+    assert "## passkey, " in text and "| config | " in text and "| adaptive, gamma 0.9 | " in text
