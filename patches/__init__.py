@@ -1,7 +1,7 @@
 """Per-architecture adapters, keyed on ``config.model_type``.
 
-An adapter only says where a model keeps its attention modules, what shape they have and which layers must stay
-dense; no forward is rewritten. The attention itself goes through transformers' ``AttentionInterface``.
+An adapter only says where a model keeps its attention modules and what shape they have; no forward is
+rewritten. The attention itself goes through transformers' ``AttentionInterface``.
 """
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from __future__ import annotations
 from .base import Adapter, UnsupportedModelError
 from .llama import ADAPTER as LLAMA
 from .mistral import ADAPTER as MISTRAL
+from .phi3 import ADAPTER as PHI3
 from .qwen2 import ADAPTER as QWEN2
 from .qwen3 import ADAPTER as QWEN3
 
-ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3)}
+ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (LLAMA, MISTRAL, PHI3, QWEN2, QWEN3)}
 
 
 def adapter_for(model, force: bool = False) -> Adapter:

@@ -40,15 +40,5 @@ class Adapter:
 
     def head_projections(self, attention) -> tuple:
         """The query and key projections of one attention module (tensor parallelism shards them by head); None for
-        one the module does not have (e.g. a fused projection under ``force=True``: then it is taken as unsharded)."""
+        one the module does not have (e.g. Phi-3's fused ``qkv_proj``: then it is taken as unsharded)."""
         return getattr(attention, "q_proj", None), getattr(attention, "k_proj", None)
-
-    def dense_layers(self, model) -> set[int]:
-        """Layers whose attention the sparse patterns do not model (they stay dense): sliding-window layers, as
-        ``config.layer_types`` names them, or every layer of a config with a ``sliding_window`` and no layer types
-        (Mistral's layout). Their mask is a band, not causal."""
-        c = model.config
-        types = getattr(c, "layer_types", None)
-        if types:
-            return {i for i, t in enumerate(types) if t != "full_attention"}
-        return set(range(c.num_hidden_layers)) if getattr(c, "sliding_window", None) else set()

@@ -1,5 +1,5 @@
-"""Qwen2: the generic layout; its sliding-window layers (``use_sliding_window``, from ``max_window_layers`` on) stay
-dense."""
+"""Qwen2: the generic layout; its sliding-window layers (``use_sliding_window``, from ``max_window_layers`` on) run
+dense on prompts longer than the window."""
 
 from .base import Adapter
 

@@ -6,8 +6,9 @@ and picks one path per call:
 
 * ``decode``: q_len == 1 -> the stock SDPA function, untouched;
 * ``dense``: prompt shorter than ``min_seq_len``, every head dense, or an input the sparse path does not cover
-  (a mask that is not causal + left padding, dropout, soft-capping, sliding window) -> SDPA (cuDNN first), or
-  flash-attn where :mod:`sparse_prefill.devices` measured it faster (or ``dense_backend="flash_attn"`` asks for it);
+  (a mask that is not causal + left padding, dropout, soft-capping, a sliding window shorter than the keys) -> SDPA
+  (cuDNN first), or flash-attn where :mod:`sparse_prefill.devices` measured it faster (or
+  ``dense_backend="flash_attn"`` asks for it);
 * ``sparse``: build the index for all heads (:func:`~sparse_prefill.estimate.build_index`) and run it on one backend:
   the Triton kernel on CUDA, the blockwise torch path elsewhere. Heads that run dense on the input (configured dense,
   or adaptive heads that chose dense for every sample) go to the dense backend instead, which is faster per tile
@@ -241,7 +242,7 @@ def flash_unsupported(query, key, attention_mask, kwargs: dict) -> str:
         return "q_len != kv_len"
     if query.shape[-1] > 256:
         return f"head_dim {query.shape[-1]}"
-    return _unsupported(kwargs, 0.0)
+    return _unsupported(kwargs, 0.0, key.shape[2])
 
 
 def flash_attention(query, key, value, dropout: float, scaling: float) -> tuple[torch.Tensor, None]:
@@ -258,10 +259,14 @@ def flash_attention(query, key, value, dropout: float, scaling: float) -> tuple[
     return out, None
 
 
-def _unsupported(kwargs: dict, dropout: float) -> str:
+def _unsupported(kwargs: dict, dropout: float, kv_len: int) -> str:
+    """What of this call the causal patterns cannot express ("" when nothing)."""
     if dropout:
         return "dropout"
-    for name in ("softcap", "sliding_window", "position_bias", "cache"):
+    window = kwargs.get("sliding_window")
+    if window is not None and kv_len > window:  # up to its length the band is the causal mask: sparse runs exactly
+        return f"a sliding window ({window} keys) shorter than the keys"
+    for name in ("softcap", "position_bias", "cache"):
         if kwargs.get(name) is not None:
             return name
     return ""
@@ -319,9 +324,9 @@ def sparse_prefill_attention(
     if kv_len < min_seq_len:
         record.reason = f"kv_len {kv_len} < min_seq_len {min_seq_len} ({source})"
         return dense()
-    if reason := _unsupported(kwargs, dropout):
+    if reason := _unsupported(kwargs, dropout, kv_len):
         record.reason = f"{reason} is not supported by the sparse path"
-        patch.warn_once(f"sparse_prefill: {record.reason}; layer {state.layer} runs dense")
+        patch.warn_once(f"sparse_prefill: {record.reason}; such calls run dense")
         return dense()
     kv_start = patch.kv_start(attention_mask, query.shape[0])
     if kv_start is None:

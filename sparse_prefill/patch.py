@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import weakref
 from importlib import resources
 from pathlib import Path
@@ -24,7 +23,6 @@ MODES = ("config", "adaptive")
 
 # model -> (implementation it had before the first patch, its PatchState).
 _PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-logger = logging.getLogger("sparse_prefill")
 
 
 def _register() -> None:
@@ -84,8 +82,8 @@ def patch_model(
     """Make ``model``'s prefill attention sparse, per head, through transformers' attention interface.
 
     Args:
-        model: a transformers causal LM of a supported type (``llama``, ``mistral``, ``qwen2``, ``qwen3``).
-            Sliding-window layers stay dense.
+        model: a transformers causal LM of a supported type (``llama``, ``mistral``, ``phi3``, ``qwen2``, ``qwen3``).
+            A sliding-window layer runs dense on prompts longer than its window.
         config: a JSON path, a dict in the same schema, a :class:`SparseConfig`, or None: the shipped config made for
             this model if there is one, else vertical-slash on every head at MInference's budgets
             (1000 columns, 6096 diagonals, 64 estimation queries). Must be None with ``mode="adaptive"``.
@@ -146,14 +144,7 @@ def patch_model(
         cfg = with_adaptive_params(resolve_config(config, info), overrides)
     cfg.check_model(info)
     modules = adapter.attention_modules(model)
-    dense_layers = adapter.dense_layers(model)
     shards = [head_shard(*adapter.head_projections(module), info) for module in modules]
-    if len(dense_layers) == len(modules):
-        logger.warning(
-            "model: every layer uses sliding-window attention (config.sliding_window=%s), which stays dense: "
-            "nothing will run sparse",
-            getattr(model.config, "sliding_window", None),
-        )
 
     _register()
     previous = _PATCHED[model][0] if model in _PATCHED else model.config._attn_implementation
@@ -165,10 +156,9 @@ def patch_model(
         tp_group=shards[0].group if shards else None,
         dense_backend=dense_backend,
     )
-    dense = [HeadSpec("dense")] * info.num_heads
     plans: dict[str, LayerPlan] = {}  # layers with the same head specs share a plan, and so its cached indices
     for layer, (module, shard) in enumerate(zip(modules, shards)):
-        heads = (dense if layer in dense_layers else cfg.layers[layer])[shard.q_heads.start : shard.q_heads.stop]
+        heads = cfg.layers[layer][shard.q_heads.start : shard.q_heads.stop]
         plan = plans.setdefault(json.dumps([h.to_dict() for h in heads]), LayerPlan(heads))
         LAYERS[module] = LayerState(layer, plan, state, tuple(shard.q_heads))
     _PATCHED[model] = (previous, state, modules)

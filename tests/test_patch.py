@@ -122,8 +122,11 @@ def test_mask_other_than_left_padding_runs_dense_with_one_warning(caplog):
     assert len([r for r in caplog.records if "left padding" in r.message]) == 1
 
 
+WINDOW_64 = "a sliding window (64 keys) shorter than the keys is not supported by the sparse path"
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
-def test_sliding_window_layers_stay_dense(kind):
+def test_sliding_window_layers_run_dense_once_the_window_bites(kind):
     model = tiny_model(
         kind,
         use_sliding_window=True,
@@ -131,23 +134,25 @@ def test_sliding_window_layers_stay_dense(kind):
         max_window_layers=1,
         layer_types=["full_attention", "sliding_attention"],
     )
-    dense = logits(model, IDS)
+    cases = [(300, ("dense", WINDOW_64)), (64, ("sparse", ""))]  # 64 keys: the band is the causal mask
+    dense = {n: logits(model, IDS[:, :n]) for n, _ in cases}
+    # Every key in the patterns: a sparse run of layer 1 would be full causal attention, not its band.
     patch_model(model, config_for(model, pattern="vertical_slash", vertical=400, slash=400))
-    assert_close(logits(model, IDS), dense, 1e-4, 1e-4)  # the band mask of layer 1 was kept
-    assert [(r.path, r.reason) for r in last_report(model)] == [("sparse", ""), ("dense", "all heads dense")]
+    for n, layer_1 in cases:
+        assert_close(logits(model, IDS[:, :n]), dense[n], 1e-4, 1e-4)
+        assert [(r.path, r.reason) for r in last_report(model)] == [("sparse", ""), layer_1]
 
 
-def test_mistral_with_a_sliding_window_stays_dense_with_a_warning(caplog):
+def test_mistral_with_a_sliding_window_runs_sparse_up_to_it_and_dense_past_it_with_one_warning(caplog):
     model = tiny_model("mistral", sliding_window=64)
-    dense = logits(model, IDS)
+    cases = [(300, ("dense", WINDOW_64)), (200, ("dense", WINDOW_64)), (64, ("sparse", ""))]
+    dense = {n: logits(model, IDS[:, :n]) for n, _ in cases}
+    patch_model(model, config_for(model, pattern="vertical_slash", vertical=400, slash=400))
     with caplog.at_level(logging.WARNING, logger="sparse_prefill"):
-        patch_model(model, config_for(model, **SPARSE))
-    assert [r.message for r in caplog.records] == [
-        "model: every layer uses sliding-window attention (config.sliding_window=64), which stays dense: "
-        "nothing will run sparse"
-    ]
-    assert torch.equal(logits(model, IDS), dense)
-    assert [(r.path, r.reason) for r in last_report(model)] == [("dense", "all heads dense")] * 2
+        for n, path in cases:
+            assert_close(logits(model, IDS[:, :n]), dense[n], 1e-4, 1e-4)
+            assert [(r.path, r.reason) for r in last_report(model)] == [path] * 2
+    assert [r.message for r in caplog.records] == [f"sparse_prefill: {WINDOW_64}; such calls run dense"]
 
 
 def test_unsupported_model_is_refused_and_left_alone():
