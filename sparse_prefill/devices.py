@@ -34,6 +34,9 @@ MIN_SEQ_LEN: dict[tuple[str, int], int] = {
     # at 16384, dense 1.25x at 12288. The H200 entries above predate both and are conservative.
     ("H100", 128): 16384,
     ("H100", 64): 16384,
+    # Phi-3-mini's head_dim, on tiles padded to 128 and with the estimation in torch: sparse 1.34x at 32768, dense
+    # 1.02x at 24576 (benchmarks/results/bench_crossover_h200_hd96.md).
+    ("H200", 96): 32768,
 }
 # Anything not in the table (other GPUs, other head_dims, the CPU, whose blockwise torch path never beats dense and
 # exists for fidelity): twice the Hopper crossover. MInference's kernels only beat FlashAttention-2 above ~50K on the

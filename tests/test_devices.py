@@ -76,7 +76,7 @@ def test_table_lookup_keys_on_device_and_head_dim(monkeypatch):
 def test_shipped_table_is_sane():
     assert devices.FALLBACK_MIN_SEQ_LEN >= max(devices.MIN_SEQ_LEN.values())
     for (cls, head_dim), value in devices.MIN_SEQ_LEN.items():
-        assert devices._FAMILY.fullmatch(cls) and head_dim in (64, 128) and value > 0
+        assert devices._FAMILY.fullmatch(cls) and head_dim in (64, 96, 128) and value > 0
     assert set(devices.DENSE_BACKEND.values()) <= {"sdpa", "flash_attn"}
 
 

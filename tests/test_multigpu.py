@@ -156,7 +156,7 @@ def test_gpu_device_map_runs_each_layer_on_its_device(tmp_path, placement):
     needed = max(p + 1 for p in placement if isinstance(p, int))
     if torch.cuda.device_count() < needed:
         pytest.skip(f"needs {needed} CUDA device(s)")
-    tiny_model(head_dim=64).save_pretrained(tmp_path)  # the kernels take head_dim 64 and 128
+    tiny_model(head_dim=64).save_pretrained(tmp_path)  # a head_dim the kernels take
     first, second = placement
     device_map = {
         "model.embed_tokens": first,
@@ -232,7 +232,7 @@ def test_tensor_parallel_two_ranks_match_one_process(saved_model, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_gpu_tensor_parallel_two_gpus_match_one_gpu(tmp_path):
-    tiny_model(head_dim=64).save_pretrained(tmp_path / "model")  # the kernels take head_dim 64 and 128
+    tiny_model(head_dim=64).save_pretrained(tmp_path / "model")  # a head_dim the kernels take
     whole = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16).to("cuda:0").eval()
     config = mixed_config(whole)
     ids = torch.randint(0, 128, (1, 700), generator=torch.Generator().manual_seed(2))

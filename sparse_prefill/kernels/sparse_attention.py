@@ -38,10 +38,11 @@ def _tile(acc, l_i, m_i, q, k, v, qk_scale, keep, MASK: tl.constexpr, PREC: tl.c
 
 @triton.jit
 def _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, idx_ptr, lo, hi, base, qk_scale,
-                 DIAG: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 DIAG: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                  PREC: tl.constexpr):
     """Whole key blocks named by ``idx_ptr[lo:hi]``: diagonals (key block = base - d) or block-list entries.
-    Loaded through TMA descriptors (contiguous 64-row tiles); rows past the end of the keys come back as zeros."""
+    Loaded through TMA descriptors (contiguous 64-row tiles); rows past the end of the keys, and dims past head_dim,
+    come back as zeros."""
     offs_n = tl.arange(0, BLOCK_N)
     for i in range(lo, hi):
         e = tl.load(idx_ptr + i)
@@ -50,8 +51,8 @@ def _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, 
         else:
             j = e
         row = kv_start + j * BLOCK_N
-        k = k_desc.load([b, kv_head, row, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = v_desc.load([b, kv_head, row, 0]).reshape(BLOCK_N, HEAD_DIM)
+        k = k_desc.load([b, kv_head, row, 0]).reshape(BLOCK_N, D_PAD)
+        v = v_desc.load([b, kv_head, row, 0]).reshape(BLOCK_N, D_PAD)
         if MASK:
             # Only the (at most two) blocks that reach past the query block's first row need the causal mask.
             keep = (j * BLOCK_N + offs_n)[None, :] <= q_pos[:, None]
@@ -64,19 +65,20 @@ def _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, 
 @triton.jit
 def _column_tiles(acc, l_i, m_i, q, q_pos, k_base, v_base, stride_kn, stride_vn, col_ptr, n_cols, dmask_ptr,
                   n_blocks, base, length, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  PREC: tl.constexpr):
+                  D_PAD: tl.constexpr, PREC: tl.constexpr):
     """Single key columns ``col_ptr[:n_cols]``, gathered BLOCK_N at a time. Always masked: a chunk may be partial,
     may hold columns already computed by a diagonal (skipped, so they count once) and columns after some rows."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, D_PAD)
+    dims = (offs_d < HEAD_DIM)[None, :]
     for start in range(0, n_cols, BLOCK_N):
         offs = start + offs_n
         in_list = offs < n_cols
         # Past the list c = 0, a valid row: the K/V gathers need no mask and wait only on the column load.
         c = tl.minimum(tl.load(col_ptr + offs, mask=in_list, other=0), length - 1)
         rows = c.to(tl.int64)
-        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :])
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=dims, other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=dims, other=0.0)
         d = base - c // BLOCK_N  # the diagonal that would have computed column c
         covered = tl.load(dmask_ptr + d, mask=in_list & (d >= 0) & (d < n_blocks), other=0)
         keep = (in_list & (covered == 0))[None, :] & (c[None, :] <= q_pos[:, None])
@@ -117,7 +119,8 @@ def _sparse_attn_fwd(
     stride_ob, stride_os, stride_oh,
     q_len, kv_len, H, GROUP, M, N, NCOL, NBLK,
     qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # Grid (M, B * H): axis 0 = query block, launched last block first (the causal blocks with most keys start
     # early, the cheap ones fill the tail); axis 1 = sample * query head, so neighbouring programs share K/V in L2.
@@ -127,7 +130,10 @@ def _sparse_attn_fwd(
     h = bh % H
     head = bh.to(tl.int64)  # (b, h) row of the index tensors
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    # head_dim padded to a power of two (tile shapes must be); the padding dims are zeros, which leave q·k and the
+    # output unchanged.
+    offs_d = tl.arange(0, D_PAD)
+    dims = (offs_d < HEAD_DIM)[None, :]
 
     # Frames (sparse_prefill.index): the sample's keys are tensor columns kv_start.., its queries tensor rows
     # q_start.., the first of which sits at local position first_pos.
@@ -141,7 +147,7 @@ def _sparse_attn_fwd(
     if m * BLOCK_M < q_start:
         pad = m * BLOCK_M + offs_m
         tl.store(o_base + pad.to(tl.int64)[:, None] * stride_os + offs_d[None, :],
-                 tl.zeros([BLOCK_M, HEAD_DIM], Out.dtype.element_ty), mask=(pad < q_start)[:, None])
+                 tl.zeros([BLOCK_M, D_PAD], Out.dtype.element_ty), mask=(pad < q_start)[:, None] & dims)
     if q_start + m * BLOCK_M >= q_len:
         return
 
@@ -149,7 +155,7 @@ def _sparse_attn_fwd(
     q_pos = p0 + offs_m
     q_rows = q_start + m * BLOCK_M + offs_m
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_rows.to(tl.int64)[:, None] * stride_qs
-    q = tl.load(q_ptrs + offs_d[None, :], mask=(q_rows < q_len)[:, None], other=0.0)
+    q = tl.load(q_ptrs + offs_d[None, :], mask=(q_rows < q_len)[:, None] & dims, other=0.0)
 
     kv_head = h // GROUP  # GQA: never repeat K/V
     k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + kv_start.to(tl.int64) * stride_kn
@@ -158,7 +164,7 @@ def _sparse_attn_fwd(
     base = (p0 + BLOCK_M - 1) // BLOCK_N  # key block of the nominal last row
     j_end = (p0 + 1) // BLOCK_N  # key blocks j < j_end lie wholly at or before every row: no mask needed
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
 
@@ -168,29 +174,29 @@ def _sparse_attn_fwd(
     n_diag = tl.minimum(tl.load(diag_cnt_ptr + head), base + 1)
     n_masked, n_valid = _count_at_most(diag_ptr, n_diag, base - j_end, base, CHUNK)
     acc, l_i, m_i = _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, diag_ptr, 0,
-                                 n_masked, base, qk_scale, True, True, BLOCK_N, HEAD_DIM, PREC)
+                                 n_masked, base, qk_scale, True, True, BLOCK_N, D_PAD, PREC)
     acc, l_i, m_i = _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, diag_ptr, n_masked,
-                                 n_valid, base, qk_scale, True, False, BLOCK_N, HEAD_DIM, PREC)
+                                 n_valid, base, qk_scale, True, False, BLOCK_N, D_PAD, PREC)
 
     # 2. Single columns this block can see.
     n_cols = tl.load(col_row_cnt_ptr + head * M + m)
     acc, l_i, m_i = _column_tiles(acc, l_i, m_i, q, q_pos, k_base, v_base, stride_kn, stride_vn,
                                   col_idx_ptr + head * NCOL, n_cols, diag_mask_ptr + head * N, N, base, length,
-                                  qk_scale, BLOCK_N, HEAD_DIM, PREC)
+                                  qk_scale, BLOCK_N, HEAD_DIM, D_PAD, PREC)
 
     # 3. Block lists, ascending: blocks < j_end unmasked, then up to two masked ones; blocks > base see nothing.
     blk_ptr = blk_idx_ptr + (head * M + m) * NBLK
     n_blk = tl.load(blk_cnt_ptr + head * M + m)
     n_full, n_valid = _count_at_most(blk_ptr, n_blk, j_end - 1, base, CHUNK)
     acc, l_i, m_i = _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, blk_ptr, 0, n_full,
-                                 base, qk_scale, False, False, BLOCK_N, HEAD_DIM, PREC)
+                                 base, qk_scale, False, False, BLOCK_N, D_PAD, PREC)
     acc, l_i, m_i = _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, blk_ptr, n_full,
-                                 n_valid, base, qk_scale, False, True, BLOCK_N, HEAD_DIM, PREC)
+                                 n_valid, base, qk_scale, False, True, BLOCK_N, D_PAD, PREC)
 
     # Rows that attended to nothing have l_i == 0 and acc == 0: write 0, not NaN.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_ptrs = o_base + q_rows.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(q_rows < q_len)[:, None])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(q_rows < q_len)[:, None] & dims)
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
@@ -204,7 +210,7 @@ def supports(q: torch.Tensor, k: torch.Tensor) -> str | None:
     dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if _INTERPRET else ())
     if q.dtype not in dtypes or k.dtype != q.dtype:
         return f"dtype {q.dtype}"
-    if q.shape[-1] not in (64, 128) or k.shape[-1] != q.shape[-1]:
+    if q.shape[-1] % 16 or not 16 <= q.shape[-1] <= 128 or k.shape[-1] != q.shape[-1]:
         return f"head_dim {q.shape[-1]}"
     if q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads over {k.shape[1]} KV heads"
@@ -224,7 +230,8 @@ def sparse_attention_triton(
     Arguments:
         q: (batch_size, nheads, seqlen_q, headdim), fp16 or bf16 (fp32 only under TRITON_INTERPRET=1).
         k, v: (batch_size, nheads_k, seqlen_k, headdim), same dtype; nheads % nheads_k == 0 (GQA: query head h
-            reads KV head h // (nheads // nheads_k)). Any strides (views are fine); headdim 64 or 128.
+            reads KV head h // (nheads // nheads_k)). Any strides (views are fine); headdim a multiple of 16 up to 128
+            (tiles are padded to a power of two: headdim 96 costs what 128 does).
         index: the layer's index, ``index.q_len == seqlen_q <= index.kv_len == seqlen_k``, int32 tensors on the
             device of q. Per (sample b, head h, query block m of 64 rows) the kernel computes:
             1. key blocks base(m) - d for the on diagonals d (skipped when < 0), as whole 64x64 tiles;
@@ -268,10 +275,11 @@ def sparse_attention_triton(
     # Grid: (query blocks, batch * query heads); each program owns 64 query rows of one head and loops over the
     # key tiles the index names. Strides in elements: q/k/v as (batch, head, seq), out as (batch, seq, head).
     grid = (M, B * H)
+    d_pad = triton.next_power_of_2(D)
     _sparse_attn_fwd[grid](
         q, k, v, out,
-        TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, BLOCK, D]),
-        TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, BLOCK, D]),
+        TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, BLOCK, d_pad]),
+        TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, BLOCK, d_pad]),
         kv_start, diag_mask, diag_idx, diag_cnt, col_idx, col_row_cnt, blk_idx, blk_cnt,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -279,7 +287,7 @@ def sparse_attention_triton(
         out.stride(0), out.stride(1), out.stride(2),
         Sq, Sk, H, H // Hkv, M, N, ncol, nblk,
         scale * _LOG2E,
-        HEAD_DIM=D, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CHUNK=256,
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CHUNK=256,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out
