@@ -25,18 +25,15 @@ import torch
 # (device class, head_dim) -> dense-fallback crossover in keys, from the lines `python scripts/bench_crossover.py`
 # prints on that device.
 MIN_SEQ_LEN: dict[tuple[str, int], int] = {
-    # H200, head_dim 128: sparse 1.23x at 32K in benchmarks/results/bench_layer_h200.md (shorter not measured then).
-    ("H200", 128): 32768,
-    # H200, head_dim 64: the value of the shipped SmolLM2 config; at 8K dense was 15x faster
-    # (benchmarks/results/bench_layer_smollm2_h200.md).
-    ("H200", 64): 32768,
-    # benchmarks/results/bench_crossover_h100.md (streaming estimation, CUDA-graphed selection): sparse 1.04x / 1.11x
-    # at 16384, dense 1.25x at 12288. The H200 entries above predate both and are conservative.
+    # benchmarks/results/bench_crossover_h200.md / _hd96.md (streaming estimation, CUDA-graphed selection): sparse
+    # 1.11x / 1.15x at 16384, dense 1.17x at 12288; head_dim 96 (Phi-3-mini, tiles padded to 128) sparse 1.04x at
+    # 16384, dense 1.24x at 12288.
+    ("H200", 128): 16384,
+    ("H200", 64): 16384,
+    ("H200", 96): 16384,
+    # benchmarks/results/bench_crossover_h100.md: sparse 1.04x / 1.11x at 16384, dense 1.25x at 12288.
     ("H100", 128): 16384,
     ("H100", 64): 16384,
-    # Phi-3-mini's head_dim, on tiles padded to 128 and with the estimation in torch: sparse 1.34x at 32768, dense
-    # 1.02x at 24576 (benchmarks/results/bench_crossover_h200_hd96.md).
-    ("H200", 96): 32768,
 }
 # Anything not in the table (other GPUs, other head_dims, the CPU, whose blockwise torch path never beats dense and
 # exists for fidelity): twice the Hopper crossover. MInference's kernels only beat FlashAttention-2 above ~50K on the

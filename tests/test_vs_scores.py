@@ -59,25 +59,29 @@ def test_kernel_sums_columns_and_diagonals_like_torch(group, q_len, kv_len, star
         assert_close(v1.sum(-1), s1.sum(-1), atol=1e-3, rtol=1e-4)
 
 
-def test_head_dim_128_and_strided_views():
+@pytest.mark.parametrize("D", [128, 96])  # 96 (Phi-3-mini): tiles of 128 dims, the padding zero
+def test_head_dims_and_strided_views(D):
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(1, 4, 150, 2, 128, generator=g)[..., 0, :].to(DEV, torch.float16)  # non-contiguous rows
-    k = torch.randn(1, 2, 150, 128, generator=g).to(DEV, torch.float16)
-    (v1, s1), (v0, s0) = scores(q, k, [0, 1, 2, 3], [64] * 4, 128**-0.5, [0])
+    q = torch.randn(1, 4, 150, 2, D, generator=g)[..., 0, :].to(DEV, torch.float16)  # non-contiguous rows
+    k = torch.randn(1, 2, 150, D, generator=g).to(DEV, torch.float16)
+    (v1, s1), (v0, s0) = scores(q, k, [0, 1, 2, 3], [64] * 4, D**-0.5, [0])
     assert_close(v1, v0, atol=2e-3, rtol=1e-3)
     assert_close(s1, s0, atol=2e-3, rtol=1e-3)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("S,starts,last_q", [(32768, [0], 64), (20000, [0, 7000], 64), (20000, [0, 7001], 128)])
+@pytest.mark.parametrize(
+    "S,starts,last_q,D",
+    [(32768, [0], 64, 128), (20000, [0, 7000], 64, 128), (20000, [0, 7001], 128, 128), (20000, [0, 7001], 128, 96)],
+)
 @pytest.mark.parametrize("by_block", [False, True])
-def test_gpu_long_bf16(S, starts, last_q, by_block):
+def test_gpu_long_bf16(S, starts, last_q, D, by_block):
     g = torch.Generator(device="cuda").manual_seed(S)
-    q = torch.randn(len(starts), 32, S, 128, device="cuda", generator=g).bfloat16()
-    k = torch.randn(len(starts), 8, S, 128, device="cuda", generator=g).bfloat16()
-    (v1, s1), (v0, s0) = scores(q, k, list(range(32)), [last_q] * 32, 128**-0.5, starts, by_block)
+    q = torch.randn(len(starts), 32, S, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(len(starts), 8, S, D, device="cuda", generator=g).bfloat16()
+    (v1, s1), (v0, s0) = scores(q, k, list(range(32)), [last_q] * 32, D**-0.5, starts, by_block)
     assert_close(v1, v0, atol=1e-4, rtol=1e-3)
     assert_close(s1, s0, atol=1e-4, rtol=1e-3)
-    again = scores(q, k, list(range(32)), [last_q] * 32, 128**-0.5, starts, by_block)[0]
+    again = scores(q, k, list(range(32)), [last_q] * 32, D**-0.5, starts, by_block)[0]
     assert torch.equal(again[1], s1)  # atomic adds in any order, the same sums

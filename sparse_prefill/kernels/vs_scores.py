@@ -41,12 +41,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _tile_logits(q, k_base, stride_kn, tile, rows_pos, start, kv_len, qk_scale, BLOCK_N: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
-    """Scores (log2 domain) of the L rows against key tile ``tile``; -inf where a row cannot see the key."""
+                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PREC: tl.constexpr):
+    """Scores (log2 domain) of the L rows against key tile ``tile``; -inf where a row cannot see the key. Dims past
+    head_dim (up to the power of two D_PAD) are zeros in q and k."""
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=(offs_n < kv_len)[:, None],
-                other=0.0)
+    offs_d = tl.arange(0, D_PAD)
+    k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                mask=(offs_n < kv_len)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     visible = (offs_n[None, :] <= rows_pos[:, None]) & (offs_n[None, :] >= start)
     return tl.where(visible, s, float("-inf"))
@@ -54,14 +55,15 @@ def _tile_logits(q, k_base, stride_kn, tile, rows_pos, start, kv_len, qk_scale, 
 
 @triton.jit
 def _load_rows(Q, heads_ptr, i, b, row0, q_len, L, GROUP, stride_qb, stride_qh, stride_qs, K, stride_kb, stride_kh,
-               BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr):
+               BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     """Rows row0.. of the last L query rows of selected head i of sample b (rows past L are zero), and the base of its
     KV head."""
     h = tl.load(heads_ptr + i)
     offs_l = row0 + tl.arange(0, BLOCK_L)
     rows = q_len - L + offs_l
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows.to(tl.int64)[:, None] * stride_qs
-    q = tl.load(q_ptrs + tl.arange(0, HEAD_DIM)[None, :], mask=(offs_l < L)[:, None], other=0.0)
+    d = tl.arange(0, D_PAD)
+    q = tl.load(q_ptrs + d[None, :], mask=(offs_l < L)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     return q, k_base
 
@@ -71,14 +73,14 @@ def _row_stats(Q, K, heads_ptr, starts_ptr, Mx, Sm,
                stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_kn,
                q_len, kv_len, L, NH, GROUP, tiles_per_split, n_tiles, qk_scale,
                BLOCK_L: tl.constexpr, ROW_TILES: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               PREC: tl.constexpr):
+               D_PAD: tl.constexpr, PREC: tl.constexpr):
     # Grid (B * NH * ROW_TILES, splits): one program per (sample, selected head, BLOCK_L rows, run of key tiles).
     bi = tl.program_id(0)
     split = tl.program_id(1)
     b = bi // (NH * ROW_TILES)
     row0 = bi % ROW_TILES * BLOCK_L
     q, k_base = _load_rows(Q, heads_ptr, bi // ROW_TILES % NH, b, row0, q_len, L, GROUP, stride_qb, stride_qh,
-                           stride_qs, K, stride_kb, stride_kh, BLOCK_L, HEAD_DIM)
+                           stride_qs, K, stride_kb, stride_kh, BLOCK_L, HEAD_DIM, D_PAD)
     start = tl.load(starts_ptr + b)
     rows_pos = kv_len - L + row0 + tl.arange(0, BLOCK_L)
     # Finite start: a row that sees nothing in this split keeps (-1e30, 0) and never computes -inf - -inf.
@@ -86,7 +88,8 @@ def _row_stats(Q, K, heads_ptr, starts_ptr, Mx, Sm,
     l_i = tl.zeros([BLOCK_L], dtype=tl.float32)
     first = tl.maximum(split * tiles_per_split, start // BLOCK_N)  # tiles before the sample's first key see nothing
     for tile in range(first, tl.minimum((split + 1) * tiles_per_split, n_tiles)):
-        s = _tile_logits(q, k_base, stride_kn, tile, rows_pos, start, kv_len, qk_scale, BLOCK_N, HEAD_DIM, PREC)
+        s = _tile_logits(q, k_base, stride_kn, tile, rows_pos, start, kv_len, qk_scale, BLOCK_N, HEAD_DIM, D_PAD,
+                         PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
         m_i = m_new
@@ -100,8 +103,8 @@ def _col_diag_sums(Q, K, heads_ptr, last_q_ptr, starts_ptr, Mx, Sm, Vert, Slash,
                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_kn,
                    q_len, kv_len, L, NH, GROUP, tiles_per_split, n_tiles, n_splits, n_slash, qk_scale,
                    BLOCK_L: tl.constexpr, ROW_TILES: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   SPLITS: tl.constexpr, SKEW: tl.constexpr, BY_BLOCK: tl.constexpr, NB: tl.constexpr,
-                   BINS: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
+                   D_PAD: tl.constexpr, SPLITS: tl.constexpr, SKEW: tl.constexpr, BY_BLOCK: tl.constexpr,
+                   NB: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
     # Same grid as _row_stats: the programs of one split run together, so the heads of a KV group read each key tile
     # at about the same time (from L2).
     bi = tl.program_id(0)
@@ -110,7 +113,7 @@ def _col_diag_sums(Q, K, heads_ptr, last_q_ptr, starts_ptr, Mx, Sm, Vert, Slash,
     i = bi // ROW_TILES % NH
     row0 = bi % ROW_TILES * BLOCK_L
     q, k_base = _load_rows(Q, heads_ptr, i, b, row0, q_len, L, GROUP, stride_qb, stride_qh, stride_qs, K, stride_kb,
-                           stride_kh, BLOCK_L, HEAD_DIM)
+                           stride_kh, BLOCK_L, HEAD_DIM, D_PAD)
     start = tl.load(starts_ptr + b)
     tile_l = tl.arange(0, BLOCK_L)
     offs_l = row0 + tile_l
@@ -152,7 +155,8 @@ def _col_diag_sums(Q, K, heads_ptr, last_q_ptr, starts_ptr, Mx, Sm, Vert, Slash,
     # integer)
     d0 = (tl.min(u_row) - first * BLOCK_N - BLOCK_N + 1 + 4 * BLOCK_N) // BLOCK - 4 * STEP
     for tile in range(first, tl.minimum((split + 1) * tiles_per_split, n_tiles)):
-        s = _tile_logits(q, k_base, stride_kn, tile, rows_pos, start, kv_len, qk_scale, BLOCK_N, HEAD_DIM, PREC)
+        s = _tile_logits(q, k_base, stride_kn, tile, rows_pos, start, kv_len, qk_scale, BLOCK_N, HEAD_DIM, D_PAD,
+                         PREC)
         p = tl.math.exp2(s - lse[:, None])
         cols = tile * BLOCK_N + offs_n
         if ROW_TILES == 1:
@@ -191,7 +195,7 @@ def _num_sms(device: int) -> int:
 def scores_supported(q: torch.Tensor, rows: int) -> bool:
     """Whether :func:`vertical_slash_scores_triton` takes this input (else the torch path computes the scores)."""
     D = q.shape[-1]
-    return q.is_cuda and rows <= MAX_LAST_Q and D >= 16 and D & (D - 1) == 0 and q.dtype in _DTYPES
+    return q.is_cuda and rows <= MAX_LAST_Q and D >= 16 and D % 16 == 0 and q.dtype in _DTYPES
 
 
 def vertical_slash_scores_triton(
@@ -208,7 +212,8 @@ def vertical_slash_scores_triton(
 
     Arguments:
         q: (batch_size, nheads, seqlen_q, headdim); k: (batch_size, nheads_k, seqlen_k, headdim), same dtype
-            (fp16/bf16; fp32 too), seqlen_q <= seqlen_k, any strides with unit stride on headdim.
+            (fp16/bf16; fp32 too), seqlen_q <= seqlen_k, any strides with unit stride on headdim; headdim a
+            multiple of 16 (tiles are padded to a power of two).
         heads: integer tensor (nsel,) on q's device: the query heads to score.
         last_q: integer tensor (nsel,) on q's device: how many of the last queries each selected head uses.
         rows: min(max(last_q), seqlen_q), as a host integer (read on the host, it would wait for the GPU);
@@ -264,14 +269,15 @@ def vertical_slash_scores_triton(
     group = q.shape[1] // k.shape[1]
     qk_scale = scale * _LOG2E
     grid = (B * NH * row_tiles, n_splits)
+    d_pad = triton.next_power_of_2(D)  # tile shapes are powers of two; the padding dims load as zeros
     _row_stats[grid](
         q, k, heads, starts, mx, sm, *strides, Sq, Sk, L, NH, group, per_split, n_tiles, qk_scale,
-        BLOCK_L=BLOCK_L, ROW_TILES=row_tiles, BLOCK_N=BLOCK_N, HEAD_DIM=D, PREC=prec, num_warps=warps,
+        BLOCK_L=BLOCK_L, ROW_TILES=row_tiles, BLOCK_N=BLOCK_N, HEAD_DIM=D, D_PAD=d_pad, PREC=prec, num_warps=warps,
     )
     _col_diag_sums[grid](
         q, k, heads, last_q, starts, mx, sm, vertical, slash, scratch, *strides, Sq, Sk, L, NH, group, per_split,
         n_tiles, n_splits, n_slash, qk_scale,
-        BLOCK_L=BLOCK_L, ROW_TILES=row_tiles, BLOCK_N=BLOCK_N, HEAD_DIM=D, SPLITS=MAX_SPLITS,
+        BLOCK_L=BLOCK_L, ROW_TILES=row_tiles, BLOCK_N=BLOCK_N, HEAD_DIM=D, D_PAD=d_pad, SPLITS=MAX_SPLITS,
         SKEW=triton.next_power_of_2(BLOCK_L + BLOCK_N - 1), BY_BLOCK=by_block, NB=reach,
         BINS=triton.next_power_of_2(reach), BLOCK=BLOCK, PREC=prec, num_warps=warps,
     )
