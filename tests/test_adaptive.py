@@ -295,7 +295,7 @@ def test_cover_columns_kernel_equals_the_torch_columns(Sk, starts):
     torch.testing.assert_close(got_gamma, want_gamma)
 
 
-def _js_both(Sq, Sk, starts, dtype, dev):
+def _js_both(Sq, Sk, starts, dtype, dev, D=64):
     """(kernel, torch) query-aware JS of 3 heads of different ``last_q`` on 2 KV heads (one unselected query
     head in between), from real vertical scores."""
     from sparse_prefill.adaptive import query_aware_js
@@ -303,7 +303,7 @@ def _js_both(Sq, Sk, starts, dtype, dev):
     from sparse_prefill.kernels import query_aware_js_triton
 
     g = torch.Generator().manual_seed(Sk)
-    B, D = len(starts), 64
+    B = len(starts)
     q = (torch.randn(B, 4, Sq, D, generator=g) * 2).to(dev, dtype)
     k = (torch.randn(B, 2, Sk, D, generator=g) * 2).to(dev, dtype)
     k[:, 1, ::7] += 3 * q[:, 3, -1:]  # head 3 attends a block-spread set of keys
@@ -317,15 +317,20 @@ def _js_both(Sq, Sk, starts, dtype, dev):
 
 
 @pytest.mark.parametrize(
-    "Sq,Sk,starts,dtype",
-    [(200, 200, [0, 37], torch.float32), (70, 8300, [0, 5], torch.float16), (64, 129, [0, 128], torch.float32)],
+    "Sq,Sk,starts,dtype,D",
+    [
+        (200, 200, [0, 37], torch.float32, 64),
+        (70, 8300, [0, 5], torch.float16, 64),
+        (64, 129, [0, 128], torch.float32, 64),
+        (150, 300, [0, 20], torch.float16, 96),  # Phi-3-mini's head_dim: tiles of 128 dims, the padding masked
+    ],
 )
-def test_query_aware_js_kernel_equals_the_torch_test(Sq, Sk, starts, dtype):
+def test_query_aware_js_kernel_equals_the_torch_test(Sq, Sk, starts, dtype, D):
     """The Triton test (interpreted without CUDA) gives torch's divergence with left padding, chunked prefill (fewer
     queries than keys), per-head last_q windows, GQA and key blocks spread over two programs (130 > 128); a sample
     with one key block gives 0."""
     pytest.importorskip("triton")
-    got, want = _js_both(Sq, Sk, starts, dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    got, want = _js_both(Sq, Sk, starts, dtype, "cuda" if torch.cuda.is_available() else "cpu", D)
     assert got.shape == want.shape == (len(starts), 3)
     assert_close(got, want, 1e-4, 1e-4)
     assert got.max() > 0.05  # not a trivially equal 0

@@ -12,7 +12,10 @@ from sparse_prefill.kernels.pooled import mean_pool_triton, pooled_scores_triton
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("S,D,dtype", [(64, 64, torch.float16), (130, 128, torch.float32), (1, 64, torch.bfloat16)])
+# 96 (Phi-3-mini): tiles of 128 dims, the padding masked.
+@pytest.mark.parametrize(
+    "S,D,dtype", [(64, 64, torch.float16), (130, 128, torch.float32), (1, 64, torch.bfloat16), (100, 96, torch.float16)]
+)
 def test_mean_pool_averages_each_block_of_rows(S, D, dtype):
     x = torch.randn(3, S + 5, D, generator=torch.Generator().manual_seed(S)).to(DEV, dtype)[:, 5:]  # a strided view
     got = mean_pool_triton(x)
@@ -24,7 +27,7 @@ def test_mean_pool_averages_each_block_of_rows(S, D, dtype):
     assert (flagged[1] == 0).all()  # skipped
 
 
-@pytest.mark.parametrize("M,N,D", [(70, 130, 64), (3, 200, 128), (64, 64, 64)])
+@pytest.mark.parametrize("M,N,D", [(70, 130, 64), (3, 200, 128), (64, 64, 64), (70, 130, 96)])
 def test_pooled_scores_of_flagged_heads_over_causal_blocks(M, N, D):
     g = torch.Generator().manual_seed(M)
     pq = torch.randn(6, M, D, generator=g).to(DEV)

@@ -20,24 +20,26 @@ from .sparse_attention import _INTERPRET
 
 @triton.jit
 def _mean_pool(X, Out, flag_ptr, S, stride_xh, stride_xs, stride_oh, stride_on, BLOCK: tl.constexpr,
-               HEAD_DIM: tl.constexpr, FLAGGED: tl.constexpr):
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, FLAGGED: tl.constexpr):
     h = tl.program_id(0)
     n = tl.program_id(1)
     if FLAGGED:
         if tl.load(flag_ptr + h) == 0:
             return
     rows = n * BLOCK + tl.arange(0, BLOCK)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, D_PAD)  # head_dim padded to a power of two
     x = tl.load(X + h.to(tl.int64) * stride_xh + rows.to(tl.int64)[:, None] * stride_xs + d[None, :],
-                mask=(rows < S)[:, None], other=0.0)
+                mask=(rows < S)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
     count = tl.minimum(S - n * BLOCK, BLOCK).to(tl.float32)
-    tl.store(Out + h.to(tl.int64) * stride_oh + n * stride_on + d, tl.sum(x.to(tl.float32), 0) / count)
+    tl.store(Out + h.to(tl.int64) * stride_oh + n * stride_on + d, tl.sum(x.to(tl.float32), 0) / count,
+             mask=d < HEAD_DIM)
 
 
 @triton.jit
 def _pooled_scores(PQ, PK, Out, top_ptr, flag_ptr, M, N, GROUP,
                    stride_qh, stride_qm, stride_kh, stride_kn, stride_oh, stride_om,
-                   BM: tl.constexpr, BN: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                   PREC: tl.constexpr):
     # Grid (query-block tiles, key-block tiles, heads).
     i = tl.program_id(2)
     if tl.load(flag_ptr + i) == 0:
@@ -47,11 +49,11 @@ def _pooled_scores(PQ, PK, Out, top_ptr, flag_ptr, M, N, GROUP,
     reach = tl.load(top_ptr + tl.minimum(tl.program_id(0) * BM + BM - 1, M - 1))  # the tile's last row sees most
     if tl.program_id(1) * BN > reach:
         return
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, D_PAD)  # head_dim padded to a power of two: the padding dims are zeros
     q = tl.load(PQ + i.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + d[None, :],
-                mask=(offs_m < M)[:, None], other=0.0)
+                mask=(offs_m < M)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
     k = tl.load(PK + (i // GROUP).to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + d[None, :],
-                mask=(offs_n < N)[:, None], other=0.0)
+                mask=(offs_n < N)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     tl.store(Out + i.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_n[None, :], s,
              mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
@@ -60,7 +62,7 @@ def _pooled_scores(PQ, PK, Out, top_ptr, flag_ptr, M, N, GROUP,
 def pooled_supported(x: torch.Tensor) -> bool:
     """Whether the estimators should use these kernels for a q/k like ``x`` (else torch pools and multiplies)."""
     D = x.shape[-1]
-    return x.is_cuda and 16 <= D <= 256 and D & (D - 1) == 0
+    return x.is_cuda and 16 <= D <= 256 and D % 16 == 0
 
 
 def mean_pool_triton(x: torch.Tensor, flag: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,7 +82,7 @@ def mean_pool_triton(x: torch.Tensor, flag: torch.Tensor | None = None) -> torch
         flags = out if flag is None else flag.to(torch.int32).contiguous()  # unread without a flag
         _mean_pool[(H, out.shape[1])](
             x, out, flags, S, x.stride(0), x.stride(1), out.stride(0), out.stride(1), BLOCK=BLOCK, HEAD_DIM=D,
-            FLAGGED=flag is not None, num_warps=4,
+            D_PAD=triton.next_power_of_2(D), FLAGGED=flag is not None, num_warps=4,
         )
     return out
 
@@ -107,6 +109,7 @@ def pooled_scores_triton(pq: torch.Tensor, pk: torch.Tensor, top: torch.Tensor, 
     _pooled_scores[grid](
         pq, pk, out, top.to(torch.int32).contiguous(), flag.to(torch.int32).contiguous(), M, N, H // pk.shape[0],
         pq.stride(0), pq.stride(1), pk.stride(0), pk.stride(1), out.stride(0), out.stride(1),
-        BM=BM, BN=BN, HEAD_DIM=D, PREC="ieee" if _INTERPRET else "tf32x3", num_warps=4,
+        BM=BM, BN=BN, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), PREC="ieee" if _INTERPRET else "tf32x3",
+        num_warps=4,
     )
     return out

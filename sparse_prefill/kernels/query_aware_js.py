@@ -26,7 +26,7 @@ def _block_scores(Q, Vert, PK, Est, Mass, heads_ptr, last_q_ptr, starts_ptr,
                   stride_qb, stride_qh, stride_qs, stride_kb, stride_kh,
                   q_len, kv_len, NH, GROUP, N, scale,
                   BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     # Grid (batch, head, chunk of CHUNK key blocks): the blocks of one head are spread over programs, each
     # recomputing the mean query (a few KiB from L2) rather than waiting for it.
     b = tl.program_id(0)
@@ -37,16 +37,17 @@ def _block_scores(Q, Vert, PK, Est, Mass, heads_ptr, last_q_ptr, starts_ptr,
     if c * CHUNK >= n_blocks:
         return
     h = tl.load(heads_ptr + i)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, D_PAD)  # head_dim padded to a power of two: the padding dims load as zeros
+    dims = (d < HEAD_DIM)[None, :]
 
     # Mean of the head's last last_q queries that hold a query of the sample (left padding: the first valid row).
     first = tl.maximum(tl.maximum(q_len - tl.load(last_q_ptr + i), start - (kv_len - q_len)), 0)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
     for r0 in range(first, q_len, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
-        x = tl.load(q_base + rows.to(tl.int64)[:, None] * stride_qs + d[None, :], mask=(rows < q_len)[:, None],
-                    other=0.0)
+        x = tl.load(q_base + rows.to(tl.int64)[:, None] * stride_qs + d[None, :],
+                    mask=(rows < q_len)[:, None] & dims, other=0.0)
         acc += tl.sum(x.to(tl.float32), 0)
     q_mean = acc / (q_len - first)
 
@@ -56,7 +57,7 @@ def _block_scores(Q, Vert, PK, Est, Mass, heads_ptr, last_q_ptr, starts_ptr,
     for n0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, n_blocks), BLOCK_NB):
         n = n0 + tl.arange(0, BLOCK_NB)
         valid = n < n_blocks
-        pk_n = tl.load(pk + n[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+        pk_n = tl.load(pk + n[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None] & dims, other=0.0)
         cols = start + n[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         true = tl.sum(tl.load(vert + cols, mask=valid[:, None] & (cols < kv_len), other=0.0), 1)
         tl.store(Est + row + n, tl.sum(pk_n * q_mean[None, :], 1) * scale, mask=valid)
@@ -131,7 +132,7 @@ def query_aware_js_triton(
         q, vertical.contiguous(), pooled_k, est[0], est[1], heads.contiguous(), last_q.contiguous(), starts,
         q.stride(0), q.stride(1), q.stride(2), pooled_k.stride(0), pooled_k.stride(1),
         Sq, Sk, NH, H // pooled_k.shape[1], N, scale,
-        BLOCK_R=32, BLOCK_NB=32, CHUNK=CHUNK, BLOCK=BLOCK, HEAD_DIM=D, num_warps=4,
+        BLOCK_R=32, BLOCK_NB=32, CHUNK=CHUNK, BLOCK=BLOCK, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), num_warps=4,
     )
     _divergence[(B, NH)](est[0], est[1], out, starts, Sk, NH, N, BLOCK_NB=256, BLOCK=BLOCK, num_warps=4)
     return out
