@@ -74,7 +74,7 @@ def _column_tiles(acc, l_i, m_i, q, q_pos, k_base, v_base, stride_kn, stride_vn,
     for start in range(0, n_cols, BLOCK_N):
         offs = start + offs_n
         in_list = offs < n_cols
-        # Past the list c = 0, a valid row: the K/V gathers need no mask and wait only on the column load.
+        # Past the list c = 0, a valid row: the K/V gathers need no row mask and wait only on the column load.
         c = tl.minimum(tl.load(col_ptr + offs, mask=in_list, other=0), length - 1)
         rows = c.to(tl.int64)
         k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=dims, other=0.0)
