@@ -1,11 +1,21 @@
 # Two commands on a fresh machine: `make demo` and `make test` (each installs what it needs first).
-PYTHON ?= python3
+# They install into the active virtual environment if there is one, else into a project .venv, so a system Python
+# that refuses pip installs (PEP 668, "externally-managed-environment") still works.
+ifdef VIRTUAL_ENV
+ENV := $(VIRTUAL_ENV)
+else
+ENV := .venv
+endif
+PYTHON := $(ENV)/bin/python
 PIP := $(PYTHON) -m pip
-STAMP := .install.stamp
+STAMP := $(ENV)/.sparse-prefill-install.stamp
 
-.PHONY: install demo test test-gpu bench checkstyle
+.PHONY: install demo test test-gpu checkstyle
 
-$(STAMP): pyproject.toml
+.venv/bin/python:
+	python3 -m venv .venv || { echo "make: could not create .venv: install python3-venv (Debian/Ubuntu) or activate a virtual environment"; exit 1; }
+
+$(STAMP): pyproject.toml | $(PYTHON)
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build onto a CPU machine.
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -e ".[dev,eval]"
