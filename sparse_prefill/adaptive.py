@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import UNIT, HeadSpec
-from .estimate import _kv_chunks, block_means, const, first_query_rows, vertical_slash_scores
+from .estimate import _kv_chunks, block_means, const, first_query_rows, per_sample_budgets, vertical_slash_scores
 from .kernels import (
     cover_columns_triton,
     cover_rows_triton,
@@ -306,10 +306,10 @@ def query_aware_cover(
     pooled_q, pooled_k = measured["pooled_q"], measured["pooled_k"]
     q_len, kv_len, kv_start = geo.q_len, geo.kv_len, geo.kv_start
     B, h, M, _ = pooled_q.shape
-    N = pooled_k.shape[2]
     dev = pooled_q.device
-    max_blocks = [min(s.budget("max_blocks", N), N) for s in specs]
-    K = max(max_blocks)
+    n_keys = [cdiv(kv_len - s, BLOCK) for s in kv_start]  # each sample's key blocks: its fractions are of them
+    max_blocks = per_sample_budgets(specs, "max_blocks", n_keys)
+    K = max(map(max, max_blocks))
     gamma, limit = _param(specs, "gamma", dev), const(max_blocks, dev)
     nearest = _param(specs, "force_slash", dev).clamp(min=1)
     query_aware = measured["query_aware"]
@@ -338,7 +338,7 @@ def query_aware_cover(
                 picked, n = cover_rows_torch(scores * scale, *args, K)
                 blocks[b, h0:h1, :Mb, : picked.shape[-1]] = picked
             count[b, h0:h1, :Mb] = n
-    fits = (count <= limit[:, None]).all(-1) & query_aware
+    fits = (count <= limit[..., None]).all(-1) & query_aware
     tiles = torch.where(fits, count.sum(-1).float(), float("inf"))
     return blocks, tiles / geo.causal[:, None]
 

@@ -5,8 +5,9 @@ layer of a patched model. It reads the layer's head specs from ``module`` (set b
 and picks one path per call:
 
 * ``decode``: q_len == 1 -> the stock SDPA function, untouched;
-* ``dense``: prompt shorter than ``min_seq_len``, every head dense, or an input the sparse path does not cover
-  (a mask that is not causal + left padding, dropout, soft-capping, a sliding window shorter than the keys) -> SDPA
+* ``dense``: prompt shorter than ``min_seq_len``, every head dense, or an input the sparse path does not compute
+  exactly (:mod:`sparse_prefill.layout`: a mask that is not causal + left padding; also dropout, soft-capping,
+  non-causal modules, a sliding window shorter than the keys) -> SDPA
   (cuDNN first), or flash-attn where :mod:`sparse_prefill.devices` measured it faster (or
   ``dense_backend="flash_attn"`` asks for it);
 * ``sparse``: build the index for all heads (:func:`~sparse_prefill.estimate.build_index`) and run it on one backend:
@@ -34,6 +35,7 @@ from .config import AUTO
 from .devices import dense_backend_for, device_class, load_flash_attn, min_seq_len_for
 from .estimate import LayerPlan, const
 from .index import SparseIndex, drop_heads, tile_density
+from .layout import KeyLayout, read_layout
 from .reference import sparse_attention_torch
 
 logger = logging.getLogger("sparse_prefill")
@@ -112,8 +114,8 @@ class PatchState:
     records: dict[int, LayerRecord] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
     tp_group: object = None  # the tensor-parallel process group this rank shares the heads in; None: unsharded
-    _mask_ref: object = None
-    _mask_starts: list[int] | None = None
+    first_layer: int = 0  # a call of this layer starts a forward
+    _layouts: dict = field(default_factory=dict)  # this forward's masks (by identity) -> their layout
     _resolved: dict = field(default_factory=dict)
 
     def warn_once(self, message: str) -> None:
@@ -134,25 +136,19 @@ class PatchState:
             self._resolved[key] = (min_len, source, dense_backend_for(self.dense_backend, dev_class, query.shape[-1]))
         return self._resolved[key]
 
-    def kv_start(self, mask: torch.Tensor | None, batch: int) -> list[int] | None:
-        """First valid key per sample, or None when the mask is more than causal + left padding.
-
-        Read from the mask's last query row (it sees every key causally, so it is the key-padding row). The mask is the
-        same tensor for every layer of a forward, so it is read (one host sync) once per forward.
-        """
+    def layout(self, layer: int, mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int) -> KeyLayout | str:
+        """:func:`~sparse_prefill.layout.read_layout` of this call. Every layer of a forward gets the same mask tensor,
+        so it is read once per forward: remembered by identity until the first layer's next call, and never across
+        forwards (a mask buffer can be rewritten in place between them)."""
+        if layer == self.first_layer:
+            self._layouts.clear()
         if mask is None:
-            return [0] * batch
-        if self._mask_ref is not None and self._mask_ref() is mask:
-            return self._mask_starts
-        starts = None
-        if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1:
-            row = mask[:, 0, -1, :]
-            first = row.int().argmax(-1)
-            suffix = torch.arange(row.shape[-1], device=row.device)[None, :] >= first[:, None]
-            if bool((row == suffix).all()) and bool(row.any(-1).all()):
-                starts = first.tolist()
-        self._mask_ref, self._mask_starts = weakref.ref(mask), starts
-        return starts
+            return read_layout(None, batch, q_len, kv_len)
+        key = (id(mask), batch, q_len, kv_len)
+        seen = self._layouts.get(key)
+        if seen is None or seen[0]() is not mask:
+            seen = self._layouts[key] = (weakref.ref(mask), read_layout(mask, batch, q_len, kv_len))
+        return seen[1]
 
 
 @dataclass
@@ -203,15 +199,11 @@ def dense_heads_into(
     """Dense attention of some query heads by SDPA (fastest backend first), written into their slots of ``out``.
 
     Args:
-        out: [B, q_len, Hq, D], the other heads' output. query, key, value, attention_mask: as for
-            :func:`sparse_prefill_attention`. heads: ascending query heads.
+        out: [B, q_len, Hq, D], the other heads' output. query, key, value: as for
+            :func:`sparse_prefill_attention`. attention_mask: its mask, or None for causal attention with as many keys
+            as queries. heads: ascending query heads.
     One SDPA call per KV head over its selected query heads, so K/V are never repeated.
     """
-    q_len, kv_len = query.shape[2], key.shape[2]
-    mask, causal = attention_mask, attention_mask is None
-    if causal and q_len != kv_len:  # is_causal aligns top-left; these queries are the last q_len positions
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-        causal = False
     group = query.shape[1] // key.shape[1]
     with _fastest_first(query):
         for kv, run in itertools.groupby(heads, lambda h: h // group):
@@ -221,8 +213,8 @@ def dense_heads_into(
                 query[:, rows],
                 key[:, kv : kv + 1],
                 value[:, kv : kv + 1],
-                attn_mask=mask,
-                is_causal=causal,
+                attn_mask=attention_mask,
+                is_causal=attention_mask is None,
                 scale=scale,
                 enable_gqa=True,
             )
@@ -242,7 +234,7 @@ def flash_unsupported(query, key, attention_mask, kwargs: dict) -> str:
         return "q_len != kv_len"
     if query.shape[-1] > 256:
         return f"head_dim {query.shape[-1]}"
-    return _unsupported(kwargs, 0.0, key.shape[2])
+    return _unsupported(None, kwargs, 0.0, key.shape[2])
 
 
 def flash_attention(query, key, value, dropout: float, scaling: float) -> tuple[torch.Tensor, None]:
@@ -259,10 +251,12 @@ def flash_attention(query, key, value, dropout: float, scaling: float) -> tuple[
     return out, None
 
 
-def _unsupported(kwargs: dict, dropout: float, kv_len: int) -> str:
+def _unsupported(module, kwargs: dict, dropout: float, kv_len: int) -> str:
     """What of this call the causal patterns cannot express ("" when nothing)."""
     if dropout:
         return "dropout"
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        return "non-causal attention"
     window = kwargs.get("sliding_window")
     if window is not None and kv_len > window:  # up to its length the band is the causal mask: sparse runs exactly
         return f"a sliding window ({window} keys) shorter than the keys"
@@ -287,7 +281,8 @@ def sparse_prefill_attention(
     Args:
         module: the attention module; its patched state says the layer's head specs.
         query: [B, Hq, q_len, D] after RoPE. key, value: [B, Hkv, kv_len, D], the whole cache, not repeated.
-        attention_mask: None (causal) or bool [B, 1, q_len, kv_len], True = attend.
+        attention_mask: None (causal, top-left aligned as SDPA's ``is_causal``) or a 4D mask, bool (True = attend)
+            or float (additive); :func:`~sparse_prefill.layout.read_layout` decides whether the sparse path runs it.
         dropout, scaling: as for SDPA; the sparse path needs ``dropout == 0``.
     Returns:
         ([B, q_len, Hq, D] contiguous, None).
@@ -321,34 +316,36 @@ def sparse_prefill_attention(
     if state.all_dense:
         record.reason = "all heads dense"
         return dense()
+    layout = _unsupported(module, kwargs, dropout, kv_len) or patch.layout(
+        state.layer, attention_mask, query.shape[0], q_len, kv_len
+    )
+    if isinstance(layout, str):
+        record.reason = f"{layout} is not supported by the sparse path"
+        patch.warn_once(f"sparse_prefill: {record.reason}; such calls run dense")
+        return dense()
+    # Keys past the layout's are never attended (an empty static cache's slots): the sparse path does not see them.
+    record.kv_len = kv_len = layout.kv_len
+    k, v = key[:, :, :kv_len], value[:, :, :kv_len]
+    mask = attention_mask[..., :kv_len] if attention_mask is not None else None
     if kv_len < min_seq_len:
         record.reason = f"kv_len {kv_len} < min_seq_len {min_seq_len} ({source})"
         return dense()
-    if reason := _unsupported(kwargs, dropout, kv_len):
-        record.reason = f"{reason} is not supported by the sparse path"
-        patch.warn_once(f"sparse_prefill: {record.reason}; such calls run dense")
-        return dense()
-    kv_start = patch.kv_start(attention_mask, query.shape[0])
-    if kv_start is None:
-        record.reason = "attention mask is not causal + left padding"
-        patch.warn_once(f"sparse_prefill: {record.reason}; running dense")
-        return dense()
-    run = _backend(patch, query, key)
+    run = _backend(patch, query, k)
     if run is None:
         record.reason = "no sparse backend for this input"
         return dense()
     # Triton launches on the current CUDA device: make it this layer's (a model split by device_map spans several).
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
-        index = state.plan.index(query, key, scale, kv_start)
+        index = state.plan.index(query, k, scale, layout.kv_start)
         heads = dense_heads(state.plan, index)
         if len(heads) == query.shape[1]:
             record.reason = "every head dense on this input: the dense backend ran"
             out, _ = dense()
         elif heads and run is not sparse_attention_torch:
-            out = run(query, key, value, drop_heads(index, const(heads, query.device)), scale)
-            dense_heads_into(out, query, key, value, attention_mask, heads, scale)
+            out = run(query, k, v, drop_heads(index, const(heads, query.device)), scale)
+            dense_heads_into(out, query, k, v, mask, heads, scale)
         else:
-            out = run(query, key, value, index, scale)
+            out = run(query, k, v, index, scale)
     record.path, record.index = "sparse", index
     record.specs = [h.pattern for h in state.plan.heads]
     return out, None

@@ -108,7 +108,8 @@ class LayerPlan:
         if vs_heads := self.groups.get("vertical_slash"):
             specs = [self.heads[h] for h in vs_heads]
             vertical, slash = measured["vertical"], measured["slash"]
-            vs_cols, vs_diag = vertical_slash_select(vertical, slash, specs, Sq, starts, self.slash_by_block)
+            lengths = [Sk - s for s in static["kv_start"]]
+            vs_cols, vs_diag = vertical_slash_select(vertical, slash, specs, Sq, starts, lengths, self.slash_by_block)
             cols.append((vs_heads, vs_cols))
             diag = diag.clone()
             diag[:, const(vs_heads, dev)] |= vs_diag
@@ -147,22 +148,30 @@ class LayerPlan:
         if key in self._static:
             self._static.move_to_end(key)
             return self._static[key]
+        # Kept for later calls, which may run with autograd: made outside inference mode even when this call is in it.
+        with torch.inference_mode(False):
+            part = self._build_static(B, H, Sq, Sk, kv_start, scale, dev)
+        self._static[key] = part
+        if len(self._static) > self.CACHED_SHAPES:
+            self._static.popitem(last=False)
+        return part
+
+    def _build_static(
+        self, B: int, H: int, Sq: int, Sk: int, kv_start: list[int], scale: float, dev: torch.device
+    ) -> dict:
         starts = const(kv_start, dev)
         diag = torch.zeros(B, H, cdiv(Sk, BLOCK), dtype=torch.bool, device=dev)
         diag[:, self.groups.get("dense", [])] = True
         cols = []  # (heads, [B, len(heads), n]) pieces, -1 = none
         if a_heads := self.groups.get("a_shape"):
-            sink = [self.heads[h].budget("sink", Sk) for h in a_heads]
-            local = [self.heads[h].budget("local", Sk) for h in a_heads]
-            cols.append((a_heads, _prefix(B, sink, dev)))
-            diag |= slash_diagonals(_scatter_heads(B, H, [(a_heads, _prefix(B, local, dev))], dev), Sq, Sk, starts)
+            sink = per_sample_budgets([self.heads[h] for h in a_heads], "sink", [Sk - s for s in kv_start])
+            local = per_sample_budgets([self.heads[h] for h in a_heads], "local", [Sk - s for s in kv_start])
+            cols.append((a_heads, _prefix(sink, dev)))
+            diag |= slash_diagonals(_scatter_heads(B, H, [(a_heads, _prefix(local, dev))], dev), Sq, Sk, starts)
         part = {"starts": starts, "diag": diag, "cols": cols, "kv_start": list(kv_start), "scale": scale}
         if not self.dynamic:
             no_blocks = torch.full((B, H, cdiv(Sq, BLOCK), 0), -1, dtype=torch.long, device=dev)
             part["index"] = make_index(Sq, Sk, starts, diag, _scatter_heads(B, H, cols, dev), no_blocks)
-        self._static[key] = part
-        if len(self._static) > self.CACHED_SHAPES:
-            self._static.popitem(last=False)
         return part
 
 
@@ -267,21 +276,29 @@ def build_index(
 
 @functools.lru_cache(maxsize=1024)
 def _const(values: tuple, device: str, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+    # Outside inference mode: the tensor outlives the call, and an inference tensor could not be saved for backward
+    # by a later call with autograd.
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def const(values, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """A small tensor (int64 by default) of host values, made once per (values, device, dtype): a fresh host-to-device
-    copy on every call would wait for the GPU (it synchronises the stream), and these lists repeat across calls and
-    layers."""
-    return _const(tuple(values), str(device), dtype)
+    """A small tensor (int64 by default) of host values (a list, or a list of equal-length lists), made once per
+    (values, device, dtype): a fresh host-to-device copy on every call would wait for the GPU (it synchronises the
+    stream), and these lists repeat across calls and layers."""
+    return _const(tuple(tuple(v) if isinstance(v, list) else v for v in values), str(device), dtype)
 
 
-def _prefix(B: int, lengths: list[int], dev: torch.device) -> torch.Tensor:
-    """[B, len(lengths), max(lengths)]: 0..n-1 per head, -1 after."""
-    n = torch.arange(max(lengths), device=dev)
-    out = torch.where(n[None, :] < const(lengths, dev)[:, None], n, -1)
-    return out.expand(B, -1, -1)
+def per_sample_budgets(specs: list[HeadSpec], name: str, lengths: list[int]) -> list[list[int]]:
+    """[B][h] budget ``name`` of each head resolved against each sample's own length (its valid keys, or key
+    blocks), so that a sample gets what it would get alone, whatever else is in the batch."""
+    return [[s.budget(name, n) for s in specs] for n in lengths]
+
+
+def _prefix(lengths: list[list[int]], dev: torch.device) -> torch.Tensor:
+    """[B, h, max(lengths)] from [B][h] lengths: 0..n-1 per sample and head, -1 after."""
+    n = torch.arange(max(map(max, lengths)), device=dev)
+    return torch.where(n < const(lengths, dev)[..., None], n, -1)
 
 
 def _scatter_heads(B: int, H: int, pieces: list, dev: torch.device) -> torch.Tensor:
@@ -295,11 +312,13 @@ def _scatter_heads(B: int, H: int, pieces: list, dev: torch.device) -> torch.Ten
     return out
 
 
-def _topk_budget(scores: torch.Tensor, budgets: list[int], head_dim: int = 1) -> torch.Tensor:
-    """Top entries along the last dim, with a budget per head (dim ``head_dim``); -1 past it or at a -inf score."""
-    kmax = min(max(budgets), scores.shape[-1])
+def _topk_budget(scores: torch.Tensor, budgets: list) -> torch.Tensor:
+    """Top entries along the last dim, with a budget per head: ``budgets`` is [h] for scores [h, ..., S], or [B][h]
+    for scores [B, h, ..., S]. -1 past the budget or at a -inf score."""
+    per_head = const(budgets, scores.device)
+    kmax = min(max(max(row) if isinstance(row, list) else row for row in budgets), scores.shape[-1])
     vals, idx = scores.topk(kmax, dim=-1)
-    per_head = const(budgets, scores.device).view(-1, *[1] * (scores.dim() - head_dim - 1))
+    per_head = per_head.view(*per_head.shape, *[1] * (scores.dim() - per_head.dim()))
     keep = torch.arange(kmax, device=scores.device) < per_head
     return torch.where(keep & (vals > float("-inf")), idx, -1)
 
@@ -395,14 +414,21 @@ def diagonal_sums(p: torch.Tensor) -> torch.Tensor:
 
 
 def vertical_slash_select(
-    vertical: torch.Tensor, slash: torch.Tensor, specs: list[HeadSpec], q_len: int, starts, by_block: bool = False
+    vertical: torch.Tensor,
+    slash: torch.Tensor,
+    specs: list[HeadSpec],
+    q_len: int,
+    starts: torch.Tensor,
+    lengths: list[int],
+    by_block: bool = False,
 ):
     """Columns and block diagonals of the vertical-slash heads from their scores (:func:`vertical_slash_scores`).
 
     Args:
         vertical, slash: [B, h, Sk] fp32 scores of the h heads with ``specs``, or with ``by_block`` (every head's
             ``slash_select`` is "block") slash [B, h, N] by block diagonal. Overwritten: scratch after this.
-        q_len: query length of the call. starts: [B] first valid key per sample.
+        q_len: query length of the call. starts: [B] first valid key per sample. lengths: per sample, its number of
+            valid keys (fractional budgets are of it).
     Returns:
         cols: [B, h, V] local key columns, -1 = none. diag: [B, h, N] bool block diagonals covering the chosen slashes.
     """
@@ -412,7 +438,7 @@ def vertical_slash_select(
     forced_v = const([s.params["force_vertical"] for s in specs], dev)
     vertical.masked_fill_((local < 0)[:, None], float("-inf"))
     vertical.masked_fill_((local >= 0)[:, None] & (local[:, None] < forced_v[:, None]), float("inf"))
-    cols = _topk_budget(vertical, [s.budget("vertical", Sk) for s in specs])
+    cols = _topk_budget(vertical, per_sample_budgets(specs, "vertical", lengths))
     cols = ascending(torch.where(cols >= 0, cols - starts[:, None, None], -1))
 
     offsets = torch.arange(Sk, device=dev)
@@ -426,14 +452,17 @@ def vertical_slash_select(
             continue
         idx = const(sel, dev)
         part, forced_part = (slash, forced) if len(sel) == h else (slash[:, idx], forced[:, idx])
-        budgets = [specs[i].budget("slash", Sk) for i in sel]
+        budgets = per_sample_budgets([specs[i] for i in sel], "slash", lengths)
         if select == "token":  # MInference: the top offsets, each costing the key blocks it crosses
             part.masked_fill_(~exists, float("-inf")).masked_fill_(forced_part, float("inf"))
             diag[:, idx] = slash_diagonals(_topk_budget(part, budgets), q_len, Sk, starts)
         else:  # the block diagonals that cover the most slash mass, as many as the budget's worth of key blocks
             mass = part if by_block else block_diagonal_mass(part, q_len, Sk, starts)
             keep = slash_diagonals(torch.where(forced_part, offsets, -1).expand(B, -1, -1), q_len, Sk, starts)
-            per_head = [cdiv(n, BLOCK) + cdiv(specs[i].params["force_slash"], BLOCK) + 1 for n, i in zip(budgets, sel)]
+            per_head = [
+                [cdiv(n, BLOCK) + cdiv(specs[i].params["force_slash"], BLOCK) + 1 for n, i in zip(row, sel)]
+                for row in budgets
+            ]
             mass = mass.masked_fill_(mass <= 0, float("-inf")).masked_fill_(keep, float("inf"))
             picked = _topk_budget(mass, per_head)
             chosen = torch.zeros_like(keep).scatter_(2, picked.clamp(min=0), picked >= 0)
@@ -502,8 +531,8 @@ def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: floa
     Sk = k.shape[2]
     group = H // k.shape[1]
     M, N = cdiv(Sq, BLOCK), cdiv(Sk, BLOCK)
-    budgets = [s.budget("top_k", N) for s in specs]
-    out = torch.full((B, H, M, min(max(budgets), N)), -1, dtype=torch.int32, device=q.device)
+    width = min(max(s.budget("top_k", N) for s in specs), N)  # no sample's budget is larger: N is the longest grid
+    out = torch.full((B, H, M, width), -1, dtype=torch.int32, device=q.device)
     starts = const(kv_start, q.device)
     _, off = query_offsets(Sq, Sk, starts)
     base = block_bases(Sq, Sk, starts)
@@ -513,6 +542,7 @@ def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: floa
     pooled_q, pooled_k = block_means(q, first, flag), block_means(k, kv_start)
     for b in range(B):
         Mb, Nb = cdiv(Sq - first[b], BLOCK), cdiv(Sk - kv_start[b], BLOCK)
+        budgets = [s.budget("top_k", Nb) for s in specs]
         j = torch.arange(Nb, device=q.device)
         top = base[b, :Mb, None]
         own = (off[b] + torch.arange(Mb, device=q.device) * BLOCK)[:, None] // BLOCK  # block of the first row
@@ -522,6 +552,6 @@ def block_sparse_sets(q, k, specs: list[HeadSpec], heads: list[int], scale: floa
             scores = (pq @ pooled_k[b, kv0:kv1, None, :Nb].transpose(-1, -2)).flatten(0, 1) * scale  # [h, Mb, Nb]
             scores.masked_fill_(j[None, :] > top, float("-inf"))
             scores.masked_fill_((j[None, :] >= own) & (j[None, :] <= top), float("inf"))
-            picked = _topk_budget(scores, [budgets[i] for i in sel], head_dim=0)
+            picked = _topk_budget(scores, [budgets[i] for i in sel])
             out[b, rows, :Mb, : picked.shape[-1]] = ascending(picked).int()
     return out

@@ -173,7 +173,7 @@ def adaptive_head(q, k, b, h, spec, scale, start):
 
     # Query-aware sets: per query block, its pooled query against the pooled keys of its causal blocks.
     rows, fits = [], True
-    limit = spec.budget("max_blocks", n)
+    limit = spec.budget("max_blocks", nb)  # a fraction of the sample's own key blocks
     queries = q[b, h, first_row:].double()
     for m in range(mb):
         pq = queries[m * BLOCK : (m + 1) * BLOCK].mean(0)
