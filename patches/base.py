@@ -17,7 +17,11 @@ class Adapter:
     model_type: str
 
     def model_info(self, model) -> ModelInfo:
-        c = model.config
+        """The type and attention shape of ``model``, named after the basename of its ``_name_or_path``."""
+        return self.config_info(model.config)
+
+    def config_info(self, c) -> ModelInfo:
+        """:meth:`model_info` from a transformers config alone (no model needed)."""
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         name = Path(str(getattr(c, "_name_or_path", "") or "unnamed")).name.removesuffix(".gguf")
