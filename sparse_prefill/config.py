@@ -119,8 +119,11 @@ class HeadSpec:
         count = math.ceil(value * kv_len) if isinstance(value, float) else value
         return max(1, min(int(count), kv_len))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"pattern": self.pattern, **self.params}
+    def to_dict(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The head's JSON entry; with ``defaults`` (its pattern's entry in a config's ``defaults``), only the
+        parameters that differ from them."""
+        differ = {k: v for k, v in self.params.items() if not defaults or k not in defaults or defaults[k] != v}
+        return {"pattern": self.pattern, **differ}
 
 
 @dataclass
@@ -184,7 +187,7 @@ class SparseConfig:
             "model": self.model.to_dict(),
             "min_seq_len": self.min_seq_len,
             "defaults": self.defaults,
-            "layers": [[spec.to_dict() for spec in heads] for heads in self.layers],
+            "layers": [[spec.to_dict(self.defaults.get(spec.pattern)) for spec in heads] for heads in self.layers],
             "provenance": self.provenance,
         }
 

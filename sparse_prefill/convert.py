@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +83,17 @@ def convert_minference(
         entries = [heads[str(h)] for h in range(info.num_heads)]
         layers.append([_head(entry, f"{path.name}: layer {li} head {h}") for h, entry in enumerate(entries)])
         scores.append([_score(entry[3]) for entry in entries])
+    # The most common vertical-slash budgets become the defaults, so a head lists only what differs.
+    vs_heads = [h for heads in layers for h in heads if h["pattern"] == "vertical_slash"]
+    budgets = Counter((h["vertical"], h["slash"]) for h in vs_heads)
+    common = dict(zip(("vertical", "slash"), budgets.most_common(1)[0][0])) if budgets else {}
+    layers = [[{k: v for k, v in h.items() if common.get(k) != v} for h in heads] for heads in layers]
     return SparseConfig.from_dict(
         {
             "format": FORMAT,
             "model": info.to_dict() | ({"hub_ids": list(hub_ids)} if hub_ids else {}),
             "min_seq_len": "auto",
-            "defaults": {"vertical_slash": VERTICAL_SLASH},
+            "defaults": {"vertical_slash": {**common, **VERTICAL_SLASH}},
             "layers": layers,
             "provenance": {
                 "tool": "sparse_prefill.convert",
