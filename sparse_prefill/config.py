@@ -90,7 +90,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelInfo:
     """A model's type and attention shape; ``hub_ids``: the Hugging Face ids a config was made for (none for a live
-    model's info)."""
+    model's info; aliases, so equality ignores them)."""
 
     name: str
     model_type: str
@@ -98,7 +98,7 @@ class ModelInfo:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    hub_ids: tuple[str, ...] = ()
+    hub_ids: tuple[str, ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The config's ``model`` object (``hub_ids`` only when there are some)."""

@@ -139,7 +139,8 @@ def test_cli_writes_a_loadable_config(tmp_path, capsys):
     shape = ["--model-type", "llama", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "16"]
     assert main([str(source), str(out), *shape, "--hub-id", "org/Tiny", "--commit", "abc"]) == 0
     config = load_config(out)
-    assert config.model == ModelInfo("Tiny_kv_out_v32_fit_o_best_pattern", "llama", 2, 4, 2, 16, ("org/Tiny",))
+    assert config.model == ModelInfo("Tiny_kv_out_v32_fit_o_best_pattern", "llama", 2, 4, 2, 16)
+    assert config.model.hub_ids == ("org/Tiny",)
     assert config.layers == convert_minference(source, INFO).layers
     folder = tmp_path / "Tiny-Llama"
     AutoConfig.for_model(
