@@ -7,13 +7,14 @@ rewritten. The attention itself goes through transformers' ``AttentionInterface`
 from __future__ import annotations
 
 from .base import Adapter, UnsupportedModelError
+from .glm import ADAPTER as GLM
 from .llama import ADAPTER as LLAMA
 from .mistral import ADAPTER as MISTRAL
 from .phi3 import ADAPTER as PHI3
 from .qwen2 import ADAPTER as QWEN2
 from .qwen3 import ADAPTER as QWEN3
 
-ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (LLAMA, MISTRAL, PHI3, QWEN2, QWEN3)}
+ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (LLAMA, MISTRAL, PHI3, QWEN2, QWEN3, GLM)}
 
 
 def adapter_for(model, force: bool = False) -> Adapter:

@@ -8,6 +8,9 @@ from pathlib import Path
 from sparse_prefill.config import ModelInfo
 
 
+UNNAMED = "unnamed"  # the name of a model without a ``_name_or_path``
+
+
 class UnsupportedModelError(ValueError):
     """The model cannot be patched; the message says why and what to do."""
 
@@ -17,10 +20,14 @@ class Adapter:
     model_type: str
 
     def model_info(self, model) -> ModelInfo:
-        c = model.config
+        """The type and attention shape of ``model``, named after the basename of its ``_name_or_path``."""
+        return self.config_info(model.config)
+
+    def config_info(self, c) -> ModelInfo:
+        """:meth:`model_info` from a transformers config alone (no model needed)."""
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        name = Path(str(getattr(c, "_name_or_path", "") or "unnamed")).name.removesuffix(".gguf")
+        name = Path(str(getattr(c, "_name_or_path", "") or UNNAMED)).name.removesuffix(".gguf")
         return ModelInfo(
             name=name,
             model_type=str(self.model_type),

@@ -5,6 +5,13 @@ A benchmark, not a test: it prints a table and writes markdown + CSV under --out
     python scripts/bench_layer.py --lengths 8k,32k,64k,128k
     python scripts/bench_layer.py --lengths 32k,64k,128k --shapes llama3-8b --providers vertical_slash,adaptive
     python scripts/bench_layer.py --smoke   # CPU, tiny shapes, torch backend: checks the script, measures nothing
+    python scripts/bench_layer.py --config llama-3.1-8b-instruct --layer 16 --slash-select token,block --lengths 32k
+
+With ``--config`` (a JSON path, or a shipped config by file stem or hub id) one layer of that config runs, each head
+on its own pattern and budgets, at the config's model shape (``--shapes`` does not apply; ``--providers`` adds the
+uniform patterns at that shape). ``--slash-select token,block`` runs its vertical-slash heads once per slash selection
+(converted MInference configs are ``token``; ``block`` is the block-granular variant at the same budgets), each as
+provider ``config:L<layer>:<selection>``; without it the heads run as the config has them (``config:L<layer>``).
 
 For each shape, length and input kind it times (median of triton's do_bench, ms) dense SDPA with the cuDNN and the
 flash backends, and for each pattern at MInference's default budgets: index building alone, the kernel alone on
@@ -34,9 +41,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_prefill.adaptive import CHOICES  # noqa: E402
-from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec, check_unit  # noqa: E402
+from sparse_prefill.config import CHOICES as PARAM_CHOICES  # noqa: E402
+from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec, SparseConfig, check_unit, load_config  # noqa: E402
 from sparse_prefill.estimate import LayerPlan, _GraphedSelect  # noqa: E402
 from sparse_prefill.index import block_mask, col_mask, rows_mask, tile_density  # noqa: E402
+from sparse_prefill.patch import shipped_configs  # noqa: E402
 from sparse_prefill.reference import sparse_attention_torch  # noqa: E402
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # query heads, kv heads, head_dim
@@ -47,7 +56,7 @@ PATTERNS = {
     "block_sparse": HeadSpec("block_sparse", dict(PATTERN_DEFAULTS["block_sparse"])),
     "adaptive": HeadSpec("adaptive", dict(PATTERN_DEFAULTS["adaptive"])),
 }
-SMOKE = dict(lengths="2k", shapes="tiny", inputs="random,structured")  # --smoke: seconds on a CPU
+SMOKE = dict(lengths="2k", shapes="tiny", inputs="random,structured")  # --smoke's defaults: seconds on a CPU
 SHAPES["tiny"] = (4, 2, 64)
 
 
@@ -135,11 +144,43 @@ def peak_extra(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def first_calls(q, k, v, spec, scale, sparse_attention) -> None:
+def find_config(text: str) -> SparseConfig:
+    """A config from a JSON path, or a shipped one by file stem or by one of its hub ids (with or without the org)."""
+    if Path(text).is_file():
+        return load_config(text)
+    for path in shipped_configs():
+        config = load_config(path)
+        names = {path.stem, *config.model.hub_ids, *(i.split("/")[-1] for i in config.model.hub_ids)}
+        if text.lower() in {n.lower() for n in names}:
+            return config
+    known = ", ".join(p.stem for p in shipped_configs())
+    raise SystemExit(f"--config: {text!r} is neither a file nor a shipped config ({known})")
+
+
+def config_providers(config: SparseConfig, layer: int, slash_select: str | None) -> dict[str, list[HeadSpec]]:
+    """Layer ``layer`` of ``config`` as providers: as it is, or once per ``slash_select`` choice (comma-separated)
+    set on its vertical-slash heads."""
+    if not 0 <= layer < config.model.num_layers:
+        raise SystemExit(f"--layer: must be in [0, {config.model.num_layers}) for {config.model.name}, got {layer}")
+    heads = config.layers[layer]
+    if slash_select is None:
+        return {f"config:L{layer}": heads}
+    out = {}
+    for choice in slash_select.split(","):
+        if choice not in PARAM_CHOICES["slash_select"]:
+            raise SystemExit(f"--slash-select: each must be one of {PARAM_CHOICES['slash_select']}, got {choice!r}")
+        out[f"config:L{layer}:{choice}"] = [
+            HeadSpec(h.pattern, {**h.params, "slash_select": choice}) if h.pattern == "vertical_slash" else h
+            for h in heads
+        ]
+    return out
+
+
+def first_calls(q, k, v, heads, scale, sparse_attention) -> None:
     """Three calls of a fresh plan: eager, CUDA-graph capture (with the workspace and the graph's memory) and replay,
     so the peak counts everything the index keeps, not only the steady state."""
     _GraphedSelect._workspaces.clear()
-    plan = LayerPlan([spec] * q.shape[1])
+    plan = LayerPlan(heads)
     for _ in range(3):
         sparse_attention(q, k, v, plan.index(q, k, scale, [0]), scale)
 
@@ -154,30 +195,39 @@ def sampled_rows(S: int) -> torch.Tensor:
     return torch.cat([spread, torch.arange(S - 128, S)])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="8k,32k,64k,128k")
     parser.add_argument("--shapes", default="llama3-8b,smollm2")
     parser.add_argument("--inputs", default="random,structured")
+    parser.add_argument("--config", help="one layer of this config (a JSON path, or a shipped config's stem or hub id)")
+    parser.add_argument("--layer", type=int, default=0, help="--config: the layer to run")
+    parser.add_argument(
+        "--slash-select", help="--config: token, block or token,block: set on its vertical-slash heads (one run each)"
+    )
     parser.add_argument("--captured", default=None, help="a .pt file with q/k/v of one layer (adds input 'captured')")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument(
-        "--providers", default=",".join(PATTERNS), help=f"sparse patterns to run: {', '.join(PATTERNS)}"
+        "--providers",
+        help=f"uniform sparse patterns to run: {', '.join(PATTERNS)} (default: all of them; none with --config)",
     )
     parser.add_argument("--gamma", type=float, default=None, help="adaptive: attention mass of the sets")
     parser.add_argument("--tau", type=float, default=None, help="adaptive: block-sparse threshold on sqrt JS")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny shapes on the CPU with the torch backend: checks that it runs"
     )
-    args = parser.parse_args()
-    patterns = {name: PATTERNS[name] for name in args.providers.split(",")}
+    args = parser.parse_args(argv)
+    providers = args.providers if args.providers is not None else "" if args.config else ",".join(PATTERNS)
+    patterns = {name: PATTERNS[name] for name in providers.split(",") if name}
     if "adaptive" in patterns:
         overrides = {
             n: check_unit(v, f"--{n}", n) for n, v in (("gamma", args.gamma), ("tau", args.tau)) if v is not None
         }
         patterns["adaptive"] = HeadSpec("adaptive", {**patterns["adaptive"].params, **overrides})
-    if args.smoke:
-        args.lengths, args.shapes, args.inputs = SMOKE["lengths"], SMOKE["shapes"], SMOKE["inputs"]
+    if args.smoke:  # tiny defaults; lengths and inputs given explicitly stay
+        for name, value in SMOKE.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
         args.out = args.out if args.out != parser.get_default("out") else "benchmarks/smoke"
     elif not torch.cuda.is_available():
         print("bench_layer: no CUDA device, nothing to measure (--smoke runs tiny shapes on the CPU)")
@@ -195,10 +245,17 @@ def main() -> None:
         sparse_attention = sparse_attention_torch
         dev, device = "cpu", f"CPU smoke run ({platform.processor() or platform.machine()}), torch backend"
         versions = f"torch {torch.__version__}, python {platform.python_version()}"
+    runs = []  # (shape name, (H, Hkv, D), provider -> the layer's head specs)
+    if args.config:
+        config = find_config(args.config)
+        m = config.model
+        layer = config_providers(config, args.layer, args.slash_select)
+        runs.append((m.name, (m.num_heads, m.num_kv_heads, m.head_dim), {**layer, **uniform(patterns, m.num_heads)}))
+    else:
+        runs += [(shape, SHAPES[shape], uniform(patterns, SHAPES[shape][0])) for shape in args.shapes.split(",")]
     rows = []
     inputs = args.inputs.split(",") + (["captured"] if args.captured else [])
-    for shape in args.shapes.split(","):
-        H, Hkv, D = SHAPES[shape]
+    for shape, (H, Hkv, D), providers in runs:
         for S in parse_lengths(args.lengths):
             for kind in inputs:
                 if kind == "captured":
@@ -239,14 +296,14 @@ def main() -> None:
                     }
                 )
                 sample = sampled_rows(S).to(dev)
-                for name, spec in patterns.items():
-                    plan = LayerPlan([spec] * H)  # as in a patched model: built once, called by every layer
+                for name, heads in providers.items():
+                    plan = LayerPlan(heads)  # as in a patched model: built once, called by every layer
                     index = plan.index(q, k, scale, [0])
                     out = sparse_attention(q, k, v, index, scale)
                     t_index = bench(lambda: plan.index(q, k, scale, [0]))
                     t_kernel = bench(lambda: sparse_attention(q, k, v, index, scale))
                     t_all = bench(lambda: sparse_attention(q, k, v, plan.index(q, k, scale, [0]), scale))
-                    mem = peak_extra(lambda: first_calls(q, k, v, spec, scale, sparse_attention))
+                    mem = peak_extra(lambda: first_calls(q, k, v, heads, scale, sparse_attention))
                     density = float(tile_density(index).mean())
                     exact = exact_rows(q, k, v, index, sample, scale)
                     torch_bf16 = exact_rows(q, k, v, index, sample, scale, dtype=torch.bfloat16)
@@ -274,6 +331,10 @@ def main() -> None:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
     write(rows, Path(args.out), device, versions)
+
+
+def uniform(patterns: dict[str, HeadSpec], H: int) -> dict[str, list[HeadSpec]]:
+    return {name: [spec] * H for name, spec in patterns.items()}
 
 
 def _chosen(index) -> str:

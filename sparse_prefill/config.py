@@ -5,13 +5,16 @@ one pattern per (layer, head)::
 
     {
       "format": "sparse_prefill/1",
-      "model": {"name": "SmolLM2-135M-Instruct", "model_type": "llama",
-                "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64},
+      "model": {"name": "SmolLM2-135M-Instruct", "hub_ids": ["HuggingFaceTB/SmolLM2-135M-Instruct"],
+                "model_type": "llama", "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64},
       "min_seq_len": "auto",
       "defaults": {"vertical_slash": {"vertical": 1000, "slash": 6096}},
       "layers": [[{"pattern": "vertical_slash", "slash": 2048}, {"pattern": "dense"}, ...], ...],
       "provenance": {"tool": "sparse_prefill.calibrate", ...}
     }
+
+``model.hub_ids`` (optional) lists the Hugging Face ids the config was made for: ``patch_model`` picks a shipped
+config by them (:func:`sparse_prefill.patch.pick_shipped_config`).
 
 A head entry gives a pattern and any of its parameters; missing ones come from ``defaults``, then from
 ``PATTERN_DEFAULTS``. Budgets (token or block counts) are positive integers, or fractions in (0, 1) of the key length
@@ -75,6 +78,7 @@ PATTERN_DEFAULTS: dict[str, dict[str, int | float | str]] = {
 }
 BUDGETS = {"sink", "local", "vertical", "slash", "top_k", "max_blocks"}
 CHOICES = {"slash_select": ("token", "block")}
+SHAPE = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")  # what a config must match
 # Numbers in a closed or half-open unit interval: name -> (lowest allowed value is included, text for errors).
 UNIT = {"gamma": (False, "(0, 1]"), "tau": (True, "[0, 1]"), "dense_above": (False, "(0, 1]")}
 
@@ -85,12 +89,21 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """A model's type and attention shape; ``hub_ids``: the Hugging Face ids a config was made for (none for a live
+    model's info; aliases, so equality ignores them)."""
+
     name: str
     model_type: str
     num_layers: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    hub_ids: tuple[str, ...] = field(default=(), compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config's ``model`` object (``hub_ids`` only when there are some)."""
+        raw = vars(self)
+        return {k: list(v) if k == "hub_ids" else v for k, v in raw.items() if k != "hub_ids" or v}
 
 
 @dataclass(frozen=True)
@@ -106,8 +119,11 @@ class HeadSpec:
         count = math.ceil(value * kv_len) if isinstance(value, float) else value
         return max(1, min(int(count), kv_len))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"pattern": self.pattern, **self.params}
+    def to_dict(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The head's JSON entry; with ``defaults`` (its pattern's entry in a config's ``defaults``), only the
+        parameters that differ from them."""
+        differ = {k: v for k, v in self.params.items() if not defaults or k not in defaults or defaults[k] != v}
+        return {"pattern": self.pattern, **differ}
 
 
 @dataclass
@@ -129,7 +145,7 @@ class SparseConfig:
         return cls.from_dict(
             {
                 "format": FORMAT,
-                "model": vars(model),
+                "model": model.to_dict(),
                 "min_seq_len": min_seq_len,
                 "layers": [[head] * model.num_heads for _ in range(model.num_layers)],
                 "provenance": {"tool": "SparseConfig.uniform"},
@@ -168,16 +184,16 @@ class SparseConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "model": vars(self.model),
+            "model": self.model.to_dict(),
             "min_seq_len": self.min_seq_len,
             "defaults": self.defaults,
-            "layers": [[spec.to_dict() for spec in heads] for heads in self.layers],
+            "layers": [[spec.to_dict(self.defaults.get(spec.pattern)) for spec in heads] for heads in self.layers],
             "provenance": self.provenance,
         }
 
     def check_model(self, model: ModelInfo) -> None:
         """Raise ConfigError unless this config's shape matches the model's."""
-        for name in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        for name in SHAPE:
             want, got = getattr(self.model, name), getattr(model, name)
             if want != got:
                 raise ConfigError(f"model.{name}: config was made for {want!r}, the model has {got!r}")
@@ -221,7 +237,11 @@ def _model_info(raw: Any) -> ModelInfo:
         _check_int(raw.get(name), f"model.{name}", minimum=1)
     if raw["num_heads"] % raw["num_kv_heads"]:
         raise ConfigError("model.num_heads: must be a multiple of model.num_kv_heads")
-    return ModelInfo(**{k: raw[k] for k in ModelInfo.__dataclass_fields__})
+    hub_ids = raw.get("hub_ids", [])
+    if not isinstance(hub_ids, (list, tuple)) or not all(isinstance(i, str) and i for i in hub_ids):
+        raise ConfigError(f"model.hub_ids: must be a list of Hugging Face model ids (strings), got {hub_ids!r}")
+    fields = [k for k in ModelInfo.__dataclass_fields__ if k != "hub_ids"]
+    return ModelInfo(**{k: raw[k] for k in fields}, hub_ids=tuple(hub_ids))
 
 
 def _head_spec(entry: Any, defaults: dict, where: str) -> HeadSpec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import weakref
 from importlib import resources
 from pathlib import Path
@@ -12,7 +13,16 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import ATTN_NAME, LAYERS, LayerRecord, LayerState, PatchState, sparse_prefill_attention
-from .config import ConfigError, HeadSpec, ModelInfo, SparseConfig, check_min_seq_len, check_unit, load_config
+from .config import (
+    SHAPE,
+    ConfigError,
+    HeadSpec,
+    ModelInfo,
+    SparseConfig,
+    check_min_seq_len,
+    check_unit,
+    load_config,
+)
 from .devices import DENSE_BACKENDS, load_flash_attn
 from .estimate import LayerPlan
 from .parallel import head_shard
@@ -23,6 +33,8 @@ MODES = ("config", "adaptive")
 
 # model -> (implementation it had before the first patch, its PatchState).
 _PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+logger = logging.getLogger("sparse_prefill")
 
 
 def _register() -> None:
@@ -36,28 +48,61 @@ def shipped_configs() -> list[Path]:
     return sorted(Path(str(p)) for p in resources.files("sparse_prefill.configs").iterdir() if p.name.endswith(".json"))
 
 
+def pick_shipped_config(info: ModelInfo) -> tuple[SparseConfig | None, str]:
+    """The shipped config for a model, and why it was picked.
+
+    First by hub id: the model's name (the basename of its ``_name_or_path``: a hub id with or without its org, or a
+    local folder named after the repository) equals, ignoring case, the repository name of one of a config's
+    ``model.hub_ids``. Else by shape: the one config made for this model type and shape, if exactly one is.
+
+    Returns:
+        (config, reason), or (None, reason) when no config (or more than one by shape) fits.
+    Raises:
+        ConfigError: a config picked by hub id was made for another shape; the message names the config, the id and
+        the mismatch.
+    """
+    models = {path: json.loads(path.read_text()).get("model", {}) for path in shipped_configs()}
+    name = info.name.lower()
+    for path, model in models.items():
+        hub_id = next((i for i in model.get("hub_ids", []) if i.rsplit("/", 1)[-1].lower() == name), None)
+        if hub_id is not None:
+            config = load_config(path)
+            try:
+                config.check_model(info)
+            except ConfigError as e:
+                raise ConfigError(f"{path.name} (picked by hub id {hub_id!r} for {info.name!r}): {e}") from e
+            return config, f"by hub id: {info.name!r} is {hub_id!r} ({path.name})"
+    by_shape = [path for path, model in models.items() if all(model.get(k) == getattr(info, k) for k in SHAPE)]
+    shape = ", ".join(f"{k} {getattr(info, k)}" for k in SHAPE)
+    if len(by_shape) == 1:
+        return load_config(by_shape[0]), f"by shape: {by_shape[0].name} is the only shipped config for {shape}"
+    if by_shape:
+        names = ", ".join(p.name for p in by_shape)
+        return None, f"{len(by_shape)} shipped configs have its shape ({shape}: {names}) and none its hub id"
+    return None, f"no shipped config has its hub id or its shape ({shape})"
+
+
 def find_shipped_config(info: ModelInfo) -> SparseConfig | None:
-    """A shipped config made for a model of this type and shape (the one whose name matches, if several do)."""
-    matches = []
-    for path in shipped_configs():
-        config = load_config(path)
-        try:
-            config.check_model(info)
-        except ConfigError:
-            continue
-        matches.append(config)
-    named = [c for c in matches if _norm(c.model.name) in _norm(info.name) or _norm(info.name) in _norm(c.model.name)]
-    return (named or matches or [None])[0]
-
-
-def _norm(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
+    """The shipped config :func:`pick_shipped_config` picks for this model, or None."""
+    return pick_shipped_config(info)[0]
 
 
 def resolve_config(config, info: ModelInfo) -> SparseConfig:
-    """A SparseConfig from a path, a dict, a SparseConfig, or None (shipped config, else the default)."""
+    """A SparseConfig from a path, a dict, a SparseConfig, or None: the shipped config for the model
+    (:func:`pick_shipped_config`), else the uncalibrated default. For None, logs (logger ``sparse_prefill``) which
+    config was chosen and why at INFO, and warns when it is the default."""
     if config is None:
-        return find_shipped_config(info) or SparseConfig.uniform(info, "vertical_slash")
+        picked, reason = pick_shipped_config(info)
+        if picked is not None:
+            logger.info("sparse_prefill: %s uses the shipped config %r, %s", info.name, picked.model.name, reason)
+            return picked
+        logger.warning(
+            "sparse_prefill: %s uses the default config (%s): vertical-slash on every head at MInference's "
+            "uncalibrated budgets; calibrate one for this model with `sparse-prefill-calibrate --model <folder>`",
+            info.name,
+            reason,
+        )
+        return SparseConfig.uniform(info, "vertical_slash")
     if isinstance(config, SparseConfig):
         return config
     if isinstance(config, dict):
@@ -82,11 +127,14 @@ def patch_model(
     """Make ``model``'s prefill attention sparse, per head, through transformers' attention interface.
 
     Args:
-        model: a transformers causal LM of a supported type (``llama``, ``mistral``, ``phi3``, ``qwen2``, ``qwen3``).
+        model: a transformers causal LM of a supported type (``llama``, ``mistral``, ``phi3``, ``qwen2``, ``qwen3``,
+            ``glm``).
             A sliding-window layer runs dense on prompts longer than its window.
-        config: a JSON path, a dict in the same schema, a :class:`SparseConfig`, or None: the shipped config made for
-            this model if there is one, else vertical-slash on every head at MInference's budgets
-            (1000 columns, 6096 diagonals, 64 estimation queries). Must be None with ``mode="adaptive"``.
+        config: a JSON path, a dict in the same schema, a :class:`SparseConfig`, or None: the shipped config for this
+            model if there is one (by hub id, else by shape when exactly one fits: :func:`pick_shipped_config`; an
+            INFO line on logger ``sparse_prefill`` says which and why), else vertical-slash on every head at
+            MInference's budgets (1000 columns, 6096 diagonals, 64 estimation queries), with one warning. Must be
+            None with ``mode="adaptive"``.
         mode: ``"config"`` (the patterns of ``config``) or ``"adaptive"``: no config, every head adaptive
             (:mod:`sparse_prefill.adaptive`: each call chooses vertical-slash, query-aware block-sparse or dense per
             sample and head, with budgets set by attention mass), so any supported model works without calibration.

@@ -47,6 +47,8 @@ def tiny_model(kind: str = "llama", **overrides):
         shape["sliding_window"] = None  # MistralConfig's default is 4096 (every layer a sliding-window layer)
     if kind == "phi3":
         shape.update(pad_token_id=None, bos_token_id=1, eos_token_id=2)  # Phi3Config's are past this vocabulary
+    if kind == "glm":
+        shape["pad_token_id"] = None  # GlmConfig's is past this vocabulary
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{**shape, **overrides})).eval()
 
 

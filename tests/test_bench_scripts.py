@@ -170,3 +170,31 @@ def test_recall_bench_writes_its_table(tmp_path):
     text = out.read_text()
     assert "`python scripts/bench_recall.py --tasks passkey --length 1k --gammas 0.9 --out" in text
     assert "## passkey, " in text and "| config | " in text and "| adaptive, gamma 0.9 | " in text
+
+
+def test_layer_smoke_run(tmp_path):
+    bench = load("bench_layer")
+    out = tmp_path / "layer"
+    bench.main(["--smoke", "--providers", "a_shape", "--lengths", "256", "--out", str(out)])
+    table = list(csv.DictReader(open(out / "bench_layer.csv")))
+    assert [(r["shape"], r["S"], r["input"], r["provider"]) for r in table] == [
+        ("tiny", "256", i, p) for i in ("random", "structured") for p in ("sdpa_cudnn", "sdpa_flash", "a_shape")
+    ]
+
+
+def test_layer_smoke_run_of_one_config_layer(tmp_path):
+    """--config runs one layer of a shipped config at its model's shape, its heads' own budgets, once per
+    --slash-select."""
+    bench = load("bench_layer")
+    out = tmp_path / "layer"
+    args = ["--smoke", "--config", "Qwen/Qwen2.5-7B-Instruct", "--layer", "3", "--slash-select", "token,block"]
+    bench.main([*args, "--lengths", "256", "--inputs", "random", "--out", str(out)])
+    table = list(csv.DictReader(open(out / "bench_layer.csv")))
+    assert [(r["shape"], r["provider"]) for r in table] == [
+        ("Qwen2.5-7B-Instruct", p) for p in ("sdpa_cudnn", "sdpa_flash", "config:L3:token", "config:L3:block")
+    ]
+    assert all(float(r["err_vs_pattern"]) < 0.02 for r in table[2:])
+    heads = bench.config_providers(bench.find_config("qwen2.5-7b-instruct"), 3, "block")["config:L3:block"]
+    assert len(heads) == 28 and {h.params["slash_select"] for h in heads if h.pattern == "vertical_slash"} == {"block"}
+    with pytest.raises(SystemExit, match="--layer: must be in"):
+        bench.main(["--smoke", "--config", "qwen2.5-7b-instruct", "--layer", "28"])
