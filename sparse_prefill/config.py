@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,13 +211,27 @@ def load_config(path: str | Path) -> SparseConfig:
 
 
 def save_config(config: SparseConfig, path: str | Path) -> None:
-    """Write a config as JSON, one layer per line so diffs stay readable."""
+    """Write a config as JSON, one layer per line so diffs stay readable.
+
+    The text goes to a temporary file in the same folder, then replaces ``path`` in one step (``os.replace``): a
+    failed or interrupted write leaves the previous file, never half a config.
+    """
     raw = config.to_dict()
     layers = raw.pop("layers")
     # Arrays of numbers (per-head recall and density in provenance) on one line each.
     body = re.sub(r"\[[-0-9.eE,\s]*\]", lambda m: " ".join(m.group(0).split()), json.dumps(raw, indent=2))[:-2]
     rows = ",\n".join("    " + json.dumps(heads) for heads in layers)
-    Path(path).write_text(f'{body},\n  "layers": [\n{rows}\n  ]\n}}\n')
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # Mode 0o666 less the umask, as a plain write would give (mkstemp's files are private to the user).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f'{body},\n  "layers": [\n{rows}\n  ]\n}}\n')
+        os.replace(tmp, path)
+    except BaseException:  # also KeyboardInterrupt: no temporary file is left behind
+        os.unlink(tmp)
+        raise
 
 
 def check_min_seq_len(value: Any, where: str) -> int | str:

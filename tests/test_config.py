@@ -208,3 +208,18 @@ def test_adaptive_heads_round_trip_with_float_thresholds(tmp_path):
     save_config(config, tmp_path / "c.json")
     assert load_config(tmp_path / "c.json") == config
     assert SparseConfig.uniform(INFO, "adaptive", gamma=0.95).layers[0][0].params["gamma"] == 0.95
+
+
+def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.json"
+    save_config(SparseConfig.from_dict(good()), path)
+    before = path.read_text()
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_config(SparseConfig.uniform(INFO, "dense"), path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # no temporary file left either
