@@ -40,6 +40,17 @@ def lengths(minimum: int):
     return lambda text: parse_lengths(text, minimum)
 
 
+def length(minimum: int):
+    """argparse type: one length by the rule of :func:`parse_lengths`."""
+
+    def parse(text: str) -> int:
+        if "," in text:
+            raise argparse.ArgumentTypeError(f"expected one length, got {text!r}")
+        return parse_lengths(text, minimum)[0]
+
+    return parse
+
+
 def integer(minimum: int, maximum: int = MAX_INT):
     """argparse type: a whole number from ``minimum`` to ``maximum``."""
 
