@@ -13,6 +13,7 @@ from . import last_report, patch_model, unpatch_model
 from .cli import device, length
 from .config import ConfigError, load_config
 from .models import load_model
+from .patches import adapter_for
 from .prompts import passkey_prompt
 
 
@@ -61,15 +62,17 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_model(dtype=dtype, device=args.device)
     if args.tokens > (context := model.config.max_position_embeddings):
         parser.error(f"argument --tokens: {args.tokens} exceeds the model's context of {context} tokens")
+    if config:
+        try:
+            config.check_model(adapter_for(model).model_info(model))
+        except ConfigError as e:
+            parser.error(f"argument --config: {e}")
     text, key = passkey_prompt(tok, args.tokens, args.depth, seed=7)
     ids = tok(text, return_tensors="pt").input_ids.to(args.device)
     print(f"prompt: {ids.shape[1]} tokens, passkey {key} at depth {args.depth}, device {args.device}")
 
     dense_answer, dense_s = answer(model, tok, ids), prefill_seconds(model, ids)
-    try:
-        config = patch_model(model, config, min_seq_len=0)
-    except ConfigError as e:
-        parser.error(f"argument --config: {e}")
+    config = patch_model(model, config, min_seq_len=0)
     sparse_answer, sparse_s = answer(model, tok, ids), prefill_seconds(model, ids)
     records = last_report(model)
     unpatch_model(model)

@@ -132,17 +132,20 @@ def test_cuda_without_cuda_exits_2_before_the_model_loads(which, no_model_load, 
     _exits_2(main, ["--device", "cuda"], "argument --device: 'cuda': CUDA is not available", capsys)
 
 
-def test_check_config_beyond_the_context_or_for_another_shape(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("which", ["demo", "check_config"])
+def test_beyond_the_context_or_for_another_shape_exits_2_before_any_run(which, tmp_path, monkeypatch, capsys):
     from conftest import tiny_model
 
     from sparse_prefill import save_config
 
-    monkeypatch.setattr(check_config(), "load_model", lambda *args: (tiny_model(), None))  # context 1024
-    _exits_2(
-        check_config().main, ["--length", "2k"], "argument --length: 2048 exceeds the model's context of 1024", capsys
-    )
+    def run(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    model = tiny_model()  # context 1024
+    monkeypatch.setattr(model, "forward", run)
+    module, argument = (demo, "--tokens") if which == "demo" else (check_config(), "--length")
+    monkeypatch.setattr(module, "load_model", lambda *args, **kwargs: (model, None))
+    _exits_2(module.main, [argument, "2k"], f"argument {argument}: 2048 exceeds the model's context of 1024", capsys)
     path = tmp_path / "smollm2.json"
     save_config(SparseConfig.uniform(ModelInfo("SmolLM2-135M-Instruct", "llama", 30, 9, 3, 64)), path)
-    _exits_2(
-        check_config().main, ["--length", "1k", "--config", str(path)], "argument --config: model.num_layers", capsys
-    )
+    _exits_2(module.main, [argument, "1k", "--config", str(path)], "argument --config: model.num_layers", capsys)

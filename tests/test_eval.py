@@ -3,6 +3,7 @@
 import json
 import random
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -285,6 +286,11 @@ def no_model_load(monkeypatch):
         (["--config", "{tmp}/bad.json"], "argument --config: min_seq_length: unknown key"),
         (["--config", "uniform-star"], "argument --config: 'uniform-star': unknown pattern"),
         (["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
+        pytest.param(  # not a chmod-ed folder: the tests may run as root, who can write there anyway
+            ["--out", "/proc/sparse-prefill-eval"],
+            "argument --out: cannot write /proc/sparse-prefill-eval: cannot create files in /proc",
+            marks=pytest.mark.skipif(sys.platform != "linux", reason="/proc takes no new files on Linux only"),
+        ),
     ],
 )
 def test_bad_arguments_exit_2_before_the_model_loads(args, message, tmp_path, no_model_load, capsys):
