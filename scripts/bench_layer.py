@@ -41,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_prefill.adaptive import CHOICES  # noqa: E402
+from sparse_prefill.cli import parse_lengths  # noqa: E402
 from sparse_prefill.config import CHOICES as PARAM_CHOICES  # noqa: E402
 from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec, SparseConfig, check_unit, load_config  # noqa: E402
 from sparse_prefill.estimate import LayerPlan, _GraphedSelect  # noqa: E402
@@ -58,10 +59,6 @@ PATTERNS = {
 }
 SMOKE = dict(lengths="2k", shapes="tiny", inputs="random,structured")  # --smoke's defaults: seconds on a CPU
 SHAPES["tiny"] = (4, 2, 64)
-
-
-def parse_lengths(text: str) -> list[int]:
-    return [int(float(t[:-1]) * 1024) if t.endswith("k") else int(t) for t in text.split(",")]
 
 
 def rope(x: torch.Tensor, base: float = 500000.0) -> torch.Tensor:

@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_prefill import SparseConfig, patch_model, unpatch_model  # noqa: E402
+from sparse_prefill.cli import parse_lengths  # noqa: E402
 from sparse_prefill.parallel import gather_report  # noqa: E402
 from sparse_prefill.patches import adapter_for  # noqa: E402
 
@@ -72,10 +73,6 @@ SHAPES = {
     ),
 }
 GB = 1e9
-
-
-def parse_lengths(text: str) -> list[int]:
-    return [int(float(t[:-1]) * 1024) if t.endswith("k") else int(t) for t in text.split(",")]
 
 
 def llama_config(shape: str, max_len: int):

@@ -23,7 +23,8 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparse_prefill.calibrate import capturing, parse_lengths, recall, row_groups  # noqa: E402
+from sparse_prefill.calibrate import capturing, recall, row_groups  # noqa: E402
+from sparse_prefill.cli import parse_lengths  # noqa: E402
 from sparse_prefill.config import HeadSpec, SparseConfig  # noqa: E402
 from sparse_prefill.estimate import build_index  # noqa: E402
 from sparse_prefill.index import tile_density  # noqa: E402

@@ -18,10 +18,15 @@ import sys
 
 import torch
 
-from sparse_prefill import SparseConfig, last_report, patch_model, unpatch_model
+from pathlib import Path
+
+from sparse_prefill import ConfigError, ModelInfo, SparseConfig, last_report, load_config, patch_model, unpatch_model
 from sparse_prefill.calibrate import DTYPES, natural_prompt, natural_text
-from sparse_prefill.models import load_model
+from sparse_prefill.cli import device, integer, length
+from sparse_prefill.models import SMOLLM2, load_model
 from sparse_prefill.patches import adapter_for
+
+ANY_SHAPE = ModelInfo("any", "llama", 1, 1, 1, 1)  # to check a --uniform spec before the model is known
 
 
 def uniform_config(spec: str, info) -> SparseConfig:
@@ -30,8 +35,18 @@ def uniform_config(spec: str, info) -> SparseConfig:
     values = {}
     for item in filter(None, params.split(",")):
         name, _, value = item.partition("=")
-        values[name] = float(value) if "." in value else int(value) if value.isdigit() else value
+        values[name] = _number(value)
     return SparseConfig.uniform(info, pattern, min_seq_len=0, **values)
+
+
+def _number(text: str) -> int | float | str:
+    """'64' -> 64, '0.2' -> 0.2; anything else stays text, for the config's checks to name."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def next_token_logits(model, ids: list[int], last: int) -> torch.Tensor:
@@ -50,20 +65,45 @@ def main(argv: list[str] | None = None) -> int:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--config", help="config JSON (default: the shipped config made for the model)")
     which.add_argument("--uniform", help="PATTERN[:name=value,...] on every head instead of a config")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--length", type=int, default=4096)
-    p.add_argument("--last", type=int, default=256, help="positions compared at the end of each prompt")
-    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--model", default=SMOLLM2, help="'smollm2' (the embedded default) or a local model folder")
+    p.add_argument("--length", type=length(2), default=4096, help="prompt tokens, e.g. 4096 or 4k")
+    p.add_argument("--last", type=integer(1), default=256, help="positions compared at the end of each prompt")
+    p.add_argument("--samples", type=integer(1), default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text", help="held-out natural text file (default: the built-in held-out split)")
+    p.add_argument("--text", type=Path, help="held-out natural text file (default: the built-in held-out split)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     args = p.parse_args(argv)
+    # Everything is checked before the model loads, the config's fit to the model right after.
+    if args.last > args.length:
+        p.error(f"argument --last: {args.last} exceeds --length {args.length}")
+    if args.model != SMOLLM2 and not Path(args.model).is_dir():
+        p.error(f"argument --model: {args.model!r} is neither {SMOLLM2!r} nor a local model folder")
+    which = "--uniform" if args.uniform else "--config"
+    try:
+        config = uniform_config(args.uniform, ANY_SHAPE) if args.uniform else args.config and load_config(args.config)
+    except (ConfigError, TypeError) as e:  # TypeError: a --uniform parameter named like uniform()'s own arguments
+        p.error(f"argument {which}: {e}")
+    try:
+        text = args.text.read_text(encoding="utf-8") if args.text else natural_text("heldout")
+    except (OSError, UnicodeDecodeError) as e:
+        p.error(f"argument --text: cannot read {args.text} as UTF-8 text ({e})")
 
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
+    try:
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
+    except (OSError, ValueError) as e:
+        p.error(f"argument --model: cannot load {args.model!r}: {e}")
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and args.length > context:
+        p.error(f"argument --length: {args.length} exceeds the model's context of {context} tokens")
     info = adapter_for(model, force=True).model_info(model)
-    config = uniform_config(args.uniform, info) if args.uniform else args.config
-    text = open(args.text).read() if args.text else natural_text("heldout")
+    if args.uniform:
+        config = uniform_config(args.uniform, info)
+    elif config:
+        try:
+            config.check_model(info)
+        except ConfigError as e:
+            p.error(f"argument --config: {e}")
     text_ids = tokenizer(text, add_special_tokens=False).input_ids
     prompts = [
         natural_prompt(text_ids, args.length, random.Random(f"{args.seed}/check/{i}")) for i in range(args.samples)

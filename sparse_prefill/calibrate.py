@@ -27,8 +27,8 @@ import argparse
 import contextlib
 import datetime
 import math
+import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -41,7 +41,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .config import DEFAULT_MIN_SEQ_LEN, FORMAT, PATTERN_DEFAULTS, HeadSpec, ModelInfo, SparseConfig
+from .cli import device, integer, lengths, output_problem
+from .config import AUTO, DEFAULT_MIN_SEQ_LEN, FORMAT, PATTERN_DEFAULTS, HeadSpec, ModelInfo, SparseConfig
 from .estimate import build_index
 from .index import BLOCK, SparseIndex, block_mask, cdiv, tile_density
 from .models import DTYPES
@@ -51,6 +52,7 @@ KINDS = ("natural", "multi_needle", "passkey", "kv_retrieval")
 CAPTURE = "sp_capture"
 UNIFORM_ROWS = 256  # query rows sampled over the whole prompt
 LAST_ROWS = 128  # the prompt's last rows, the ones the next tokens are read from
+MIN_LENGTH = 256  # --lengths: room for the chat template, a question and several row blocks
 
 
 def _spec(pattern: str, **params) -> HeadSpec:
@@ -400,17 +402,6 @@ def calibrate(
 # --- command line -----------------------------------------------------------------------------------------------
 
 
-def parse_lengths(value: str) -> list[int]:
-    """'2k,4k,6000' -> [2048, 4096, 6000]."""
-    out = []
-    for part in value.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", part)
-        if not m or (n := int(m[1]) * (1024 if m[2] else 1)) < 256:
-            raise argparse.ArgumentTypeError(f"bad length {part!r}: expected a token count >= 256 like 4096 or 4k")
-        out.append(n)
-    return out
-
-
 def _fraction(value: str) -> float:
     try:
         x = float(value)
@@ -433,24 +424,21 @@ def _patterns(value: str) -> tuple[str, ...]:
     return names
 
 
-def _positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _min_seq_len(value: str) -> int | str:
-    if value != "auto" and not value.isdigit():
-        raise argparse.ArgumentTypeError(f'must be "auto" or an integer >= 0, got {value!r}')
-    return value if value == "auto" else int(value)
+    return value if value == AUTO else integer(0)(value)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparse-prefill-calibrate", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="'smollm2' (the embedded default) or a local model folder")
     p.add_argument("--out", help="config to write (default: configs/<model name>.json)")
-    p.add_argument("--lengths", type=parse_lengths, default=[2048, 4096], help="prompt lengths, e.g. 2k,4k")
-    p.add_argument("--samples", type=_positive, default=4, help="prompts per length (kinds in turn)")
+    p.add_argument(
+        "--lengths",
+        type=lengths(MIN_LENGTH),
+        default=[2048, 4096],
+        help=f"prompt lengths of at least {MIN_LENGTH} tokens and at most the model's context, e.g. 2k,4k",
+    )
+    p.add_argument("--samples", type=integer(1), default=4, help="prompts per length (kinds in turn)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--patterns",
@@ -472,11 +460,13 @@ def parser() -> argparse.ArgumentParser:
         help="prompts shorter than this stay dense (default 'auto': the crossover measured for the device and "
         "head_dim the model runs on, sparse_prefill.devices)",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--text", type=Path, help="a long natural-text file (default: built-in English text)")
     # Scoring is many small ops: on a machine shared with other jobs, one thread each avoids oversubscription.
-    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=integer(1, os.cpu_count() or 1), help="torch CPU threads (default: torch's choice)"
+    )
     return p
 
 
@@ -487,18 +477,31 @@ def main(argv: list[str] | None = None) -> int:
 
     p = parser()
     args = p.parse_args(argv)
-    if args.text is not None and not args.text.is_file():
-        p.error(f"--text: {args.text} is not a file")
+    # Everything is checked before the model loads: a bad argument must not cost the load, nor the calibration.
+    name = SMOLLM2_GGUF.split(".")[0] if args.model == SMOLLM2 else Path(args.model).name  # as model_info names it
+    out = Path(args.out or f"configs/{name.lower()}.json")
+    if problem := output_problem(out, folder=False):
+        p.error(f"argument --out: {problem}")
+    if args.model != SMOLLM2 and not Path(args.model).is_dir():
+        p.error(f"argument --model: {args.model!r} is neither {SMOLLM2!r} nor a local model folder")
+    text = None
+    if args.text is not None:
+        try:
+            text = args.text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"argument --text: cannot read {args.text} as UTF-8 text ({e})")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        p.error(f"--model: cannot load {args.model!r}: {e}")
+    except (OSError, ValueError) as e:
+        p.error(f"argument --model: cannot load {args.model!r}: {e}")
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and max(args.lengths) > context:
+        p.error(f"argument --lengths: {max(args.lengths)} exceeds the model's context of {context} tokens")
     info = adapter_for(model, force=True).model_info(model)
     if args.model == SMOLLM2:
-        info = ModelInfo(**{**vars(info), "name": SMOLLM2_GGUF.split(".")[0]})
-    out = Path(args.out or f"configs/{info.name.lower()}.json")
+        info = ModelInfo(**{**vars(info), "name": name})
     config = calibrate(
         model,
         tokenizer,
@@ -508,12 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         args.recall,
         args.budget,
-        args.text.read_text() if args.text else None,
+        text,
         args.min_seq_len,
         [c for c in CANDIDATES if c.pattern in (*args.patterns, "dense")],
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_config(config, out)
+    save_config(config, out)  # whole or not at all: a temporary file moved onto ``out``
     print(summary(config))
     print(f"wrote {out} ({config.provenance['seconds']} s)", file=sys.stderr)
     return 0

@@ -22,6 +22,10 @@ of the call (of its key blocks for ``max_blocks``), so one config can serve seve
 heads also take thresholds, numbers in the unit interval (``UNIT``): ``gamma`` and ``dense_above`` in (0, 1],
 ``tau`` in [0, 1].
 
+Every key is checked: an unknown key at any level (top level, ``model``, ``defaults``, a head) is an error, except
+inside ``provenance``, which is free-form. Integers are at most ``MAX_INT`` (2**31 - 1), so every count fits the
+kernels' int32 indices.
+
 ``min_seq_len``: prefills with fewer keys run dense. ``"auto"`` (the default) is the crossover measured for the call's
 device class and head_dim (:mod:`sparse_prefill.devices`; a conservative fallback where nothing was measured); an
 integer fixes it (0: always sparse). ``patch_model(min_seq_len=...)`` overrides the config's value.
@@ -31,7 +35,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +87,8 @@ CHOICES = {"slash_select": ("token", "block")}
 SHAPE = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")  # what a config must match
 # Numbers in a closed or half-open unit interval: name -> (lowest allowed value is included, text for errors).
 UNIT = {"gamma": (False, "(0, 1]"), "tau": (True, "[0, 1]"), "dense_above": (False, "(0, 1]")}
+MAX_INT = 2**31 - 1  # the largest integer a config may hold: counts become int32 indices in the kernels
+TOP_KEYS = ("format", "model", "min_seq_len", "defaults", "layers", "provenance")
 
 
 class ConfigError(ValueError):
@@ -157,6 +165,7 @@ class SparseConfig:
         """Validate a parsed JSON config. Raises ConfigError naming the first bad field."""
         if not isinstance(raw, dict):
             raise ConfigError(f"config: must be a JSON object, got {type(raw).__name__}")
+        _check_keys(raw, TOP_KEYS, "")
         if raw.get("format") != FORMAT:
             raise ConfigError(f"format: must be {FORMAT!r}, got {raw.get('format')!r}")
         model = _model_info(raw.get("model"))
@@ -200,22 +209,45 @@ class SparseConfig:
 
 
 def load_config(path: str | Path) -> SparseConfig:
-    """Read and validate a JSON config."""
+    """Read and validate a JSON config. Raises ConfigError naming the path if the file cannot be read or is not
+    UTF-8 JSON, else naming the first bad field."""
     try:
-        raw = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
+    try:
+        raw = json.loads(text)
+    except RecursionError as e:
+        raise ConfigError(f"{path}: not a config (JSON nested too deeply)") from e
+    except ValueError as e:  # JSONDecodeError, or an integer literal too long to convert
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
     return SparseConfig.from_dict(raw)
 
 
 def save_config(config: SparseConfig, path: str | Path) -> None:
-    """Write a config as JSON, one layer per line so diffs stay readable."""
+    """Write a config as JSON, one layer per line so diffs stay readable.
+
+    The text goes to a temporary file in the same folder, then replaces ``path`` in one step (``os.replace``): a
+    failed or interrupted write leaves the previous file, never half a config.
+    """
     raw = config.to_dict()
     layers = raw.pop("layers")
     # Arrays of numbers (per-head recall and density in provenance) on one line each.
     body = re.sub(r"\[[-0-9.eE,\s]*\]", lambda m: " ".join(m.group(0).split()), json.dumps(raw, indent=2))[:-2]
     rows = ",\n".join("    " + json.dumps(heads) for heads in layers)
-    Path(path).write_text(f'{body},\n  "layers": [\n{rows}\n  ]\n}}\n')
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # Mode 0o666 less the umask, as a plain write would give (mkstemp's files are private to the user).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f'{body},\n  "layers": [\n{rows}\n  ]\n}}\n')
+        os.replace(tmp, path)
+    except BaseException:  # also KeyboardInterrupt: no temporary file is left behind
+        os.unlink(tmp)
+        raise
 
 
 def check_min_seq_len(value: Any, where: str) -> int | str:
@@ -224,12 +256,14 @@ def check_min_seq_len(value: Any, where: str) -> int | str:
         return AUTO
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f'{where}: must be "auto" or an integer >= 0, got {value!r}')
+    _check_at_most(value, where)
     return value
 
 
 def _model_info(raw: Any) -> ModelInfo:
     if not isinstance(raw, dict):
         raise ConfigError("model: must be an object with name, model_type, num_layers, num_heads, ...")
+    _check_keys(raw, tuple(ModelInfo.__dataclass_fields__), "model.")
     for name in ("name", "model_type"):
         if not isinstance(raw.get(name), str):
             raise ConfigError(f"model.{name}: must be a string")
@@ -298,3 +332,15 @@ def _check_int(value: Any, where: str, minimum: int, fraction_ok: bool = False) 
         if fraction_ok:
             kind += " or a fraction in (0, 1)"
         raise ConfigError(f"{where}: must be {kind}, got {value!r}")
+    _check_at_most(value, where)
+
+
+def _check_at_most(value: int, where: str) -> None:
+    if value > MAX_INT:  # the value itself is not shown: it may have more digits than str() converts
+        raise ConfigError(f"{where}: must be at most {MAX_INT} (2**31 - 1), got a {value.bit_length()}-bit integer")
+
+
+def _check_keys(raw: dict, known: tuple[str, ...], prefix: str) -> None:
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(known)})")

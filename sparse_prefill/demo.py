@@ -4,12 +4,16 @@ and the achieved density. Run with ``make demo`` or ``python -m sparse_prefill.d
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
 
 from . import last_report, patch_model, unpatch_model
+from .cli import device, length
+from .config import ConfigError, load_config
 from .models import load_model
+from .patches import adapter_for
 from .prompts import passkey_prompt
 
 
@@ -32,22 +36,43 @@ def answer(model, tok, ids: torch.Tensor) -> str:
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
+def _depth(text: str) -> float:
+    try:
+        depth = float(text)
+    except ValueError:
+        depth = math.nan
+    if not 0 <= depth <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return depth
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tokens", type=int, default=4096, help="prompt length (default 4096)")
-    parser.add_argument("--depth", type=float, default=0.5, help="where the passkey sits, 0..1 (default 0.5)")
+    parser.add_argument("--tokens", type=length(256), default=4096, help="prompt length, e.g. 4096 or 4k (default)")
+    parser.add_argument("--depth", type=_depth, default=0.5, help="where the passkey sits, 0..1 (default 0.5)")
     parser.add_argument("--config", default=None, help="JSON config (default: the one shipped for SmolLM2)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    try:  # checked before the model loads; its fit to the model once it has
+        config = args.config and load_config(args.config)
+    except ConfigError as e:
+        parser.error(f"argument --config: {e}")
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tok = load_model(dtype=dtype, device=args.device)
+    if args.tokens > (context := model.config.max_position_embeddings):
+        parser.error(f"argument --tokens: {args.tokens} exceeds the model's context of {context} tokens")
+    if config:
+        try:
+            config.check_model(adapter_for(model).model_info(model))
+        except ConfigError as e:
+            parser.error(f"argument --config: {e}")
     text, key = passkey_prompt(tok, args.tokens, args.depth, seed=7)
     ids = tok(text, return_tensors="pt").input_ids.to(args.device)
     print(f"prompt: {ids.shape[1]} tokens, passkey {key} at depth {args.depth}, device {args.device}")
 
     dense_answer, dense_s = answer(model, tok, ids), prefill_seconds(model, ids)
-    config = patch_model(model, args.config, min_seq_len=0)
+    config = patch_model(model, config, min_seq_len=0)
     sparse_answer, sparse_s = answer(model, tok, ids), prefill_seconds(model, ids)
     records = last_report(model)
     unpatch_model(model)

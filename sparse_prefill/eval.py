@@ -7,8 +7,9 @@ For every prompt of :mod:`sparse_prefill.tasks` the model runs twice, dense and 
   the relative L2 error of each layer's attention output on the prompt;
 * latency and density: prefill (time to first token) of each, and the tile density each layer achieved.
 
-Outputs (``--out``): results.json, summary.md, needle_grid.png, patterns.png; written to a temporary folder and moved in
-at the end. Bad arguments exit with code 2 before anything is written.
+Outputs (``--out``): results.json, summary.md, needle_grid.png, patterns.png; written to a temporary folder beside
+``--out`` that replaces it at the end, so a folder never mixes two runs. Bad arguments (and an ``--out`` that holds
+anything but an earlier run's outputs) exit with code 2 before the model loads or anything is written.
 
     sparse-prefill-eval --lengths 1k,2k,4k --depths 0,0.5,1 --samples 1 --out eval-results
 """
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import secrets
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,7 +35,8 @@ import transformers
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import PATTERN_DEFAULTS, ConfigError, SparseConfig, check_unit
+from .cli import device, integer, output_problem, parse_lengths
+from .config import PATTERN_DEFAULTS, ConfigError, SparseConfig, check_unit, load_config
 from .models import DTYPES, SMOLLM2, cache_kwarg, load_model
 from .patch import find_shipped_config, last_report, patch_model, unpatch_model
 from .patches import UnsupportedModelError, adapter_for
@@ -41,6 +44,7 @@ from .tasks import TASKS, Haystack, Sample, make_samples, score
 
 ALIASES = {"vs": "vertical_slash", "a": "a_shape", "block": "block_sparse"}
 MIN_LENGTH = 512  # room for the instructions and the answer of every task
+OUTPUTS = ("results.json", "summary.md", "needle_grid.png", "patterns.png")  # all a run writes into --out
 
 
 # --------------------------------------------------------------------------------------------------- model runs
@@ -488,14 +492,20 @@ def _dumps(obj, indent: str = "") -> str:
 
 
 def write_outputs(results: dict, config: SparseConfig, out: Path) -> None:
-    """results.json, summary.md, needle_grid.png (if the run had ``niah``) and patterns.png into ``out``.
+    """Make ``out`` a folder of results.json, summary.md, needle_grid.png (if the run had ``niah``) and patterns.png.
 
-    Everything is written to a temporary folder first and moved in at the end, so a failure leaves ``out`` untouched.
+    They are written into a temporary folder beside ``out``, which then takes the place of ``out`` (and of an earlier
+    run's files there), by two renames within one folder. If anything fails or is interrupted, ``out`` is as it was
+    (only a kill between the two renames leaves the earlier run's folder as ``.<out name>.old-*`` beside it).
     """
     from .plots import needle_heatmap, pattern_map  # matplotlib only when writing
 
     s = results["summary"]
-    tmp = Path(tempfile.mkdtemp(prefix="sparse-prefill-eval-"))
+    out = out.absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    tmp, old = out.with_name(f".{out.name}.new-{token}"), out.with_name(f".{out.name}.old-{token}")
+    tmp.mkdir()
     try:
         (tmp / "results.json").write_text(_dumps(results) + "\n")
         (tmp / "summary.md").write_text(summary_markdown(results))
@@ -512,11 +522,31 @@ def write_outputs(results: dict, config: SparseConfig, out: Path) -> None:
             f"text = density at {_k(s['head_density_length'])} tokens",
             chosen=s["head_pattern"],
         )
-        out.mkdir(parents=True, exist_ok=True)
-        for f in sorted(tmp.iterdir()):
-            shutil.move(f, out / f.name)
+        if out.exists():
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old.exists():
+                os.rename(old, out)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def out_problem(out: Path) -> str | None:
+    """Why ``out`` cannot take this run's outputs, or None. A folder with anything but an earlier run's outputs is
+    refused: the run replaces the whole folder."""
+    if problem := output_problem(out, folder=True):
+        return problem
+    try:
+        other = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS) if out.is_dir() else []
+    except OSError as e:
+        return f"cannot list {out} ({e.strerror or e})"
+    if other:
+        return f"{out} holds files this tool did not write ({', '.join(other[:3])}); use a new or empty folder"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -531,17 +561,7 @@ def _tasks(text: str) -> list[str]:
 
 
 def _lengths(text: str) -> list[int]:
-    out = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        try:
-            n = round(float(item[:-1]) * 1024) if item.endswith("k") else int(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not a length like 2048 or 2k") from None
-        if n < MIN_LENGTH:
-            raise argparse.ArgumentTypeError(f"{item!r}: lengths must be at least {MIN_LENGTH} tokens")
-        out.append(n)
-    return sorted(set(out))
+    return sorted(set(parse_lengths(text, MIN_LENGTH)))
 
 
 def _depths(text: str) -> list[float]:
@@ -552,19 +572,6 @@ def _depths(text: str) -> list[float]:
     if any(not 0 <= d <= 1 for d in out):
         raise argparse.ArgumentTypeError(f"{text!r}: depths must lie in [0, 1]")
     return sorted(set(out))
-
-
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            n = None
-        if n is None or n < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= {minimum}")
-        return n
-
-    return parse
 
 
 def _unit(name: str):
@@ -620,13 +627,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--samples",
-        type=_at_least(1),
+        type=integer(1),
         default=1,
         help="samples per niah (depth, length) cell and per other task and length",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated prompts (default 0)")
     p.add_argument(
         "--device",
+        type=device,
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device (default: cuda if available, else cpu)",
     )
@@ -637,16 +645,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="text file whose sentences fill the context (default: built-in English-like filler)",
     )
-    p.add_argument("--out", type=Path, default=Path("eval-results"), help="output folder (default eval-results)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("eval-results"),
+        help="output folder, new or of an earlier run, which this run replaces (default eval-results)",
+    )
     p.add_argument(
         "--batch-size",
-        type=_at_least(1),
+        type=integer(1),
         default=1,
         help="prompts per forward, of one task and length, left-padded (default 1)",
     )
     p.add_argument(
         "--min-seq-len",
-        type=_at_least(0),
+        type=integer(0),
         default=0,
         help="prompts with fewer keys run dense (default 0: the sparse path on every prompt)",
     )
@@ -658,10 +671,15 @@ def _config_arg(value: str | None, model) -> str | SparseConfig | None:
     """--config as patch_model takes it: None, a path, or a uniform config for this model's shape."""
     if value is None or not value.startswith("uniform-"):
         return value
+    return SparseConfig.uniform(adapter_for(model).model_info(model), _uniform_pattern(value))
+
+
+def _uniform_pattern(value: str) -> str:
+    """The pattern of ``uniform-<pattern or alias>``, else ConfigError."""
     pattern = ALIASES.get(value[len("uniform-") :], value[len("uniform-") :])
     if pattern not in PATTERN_DEFAULTS:
         raise ConfigError(f"{value!r}: unknown pattern; use uniform-<{'|'.join([*ALIASES, *PATTERN_DEFAULTS])}>")
-    return SparseConfig.uniform(adapter_for(model).model_info(model), pattern)
+    return pattern
 
 
 def _adaptive_source(args) -> str:
@@ -699,14 +717,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.config and not args.config.startswith("uniform-") and not Path(args.config).is_file():
         fail("--config", f"{args.config!r} is not a file (nor uniform-<pattern>)")
-    if args.out.exists() and not args.out.is_dir():
-        fail("--out", f"{args.out} exists and is not a folder")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        fail("--device", e)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device", "CUDA is not available")
+    try:  # the model's shape is checked once it is loaded
+        if args.config and args.config.startswith("uniform-"):
+            _uniform_pattern(args.config)
+        elif args.config:
+            load_config(args.config)
+    except ConfigError as e:
+        fail("--config", e)
+    if problem := out_problem(args.out):
+        fail("--out", problem)
     if args.model != SMOLLM2 and not Path(args.model).is_dir():
         fail("--model", f"{args.model!r} is neither {SMOLLM2!r} nor a local model folder")
     try:

@@ -15,6 +15,7 @@ import torch
 from conftest import tiny_model
 
 from sparse_prefill import calibrate as C
+from sparse_prefill.cli import parse_lengths
 from sparse_prefill.config import (
     DEFAULT_MIN_SEQ_LEN,
     PATTERN_DEFAULTS,
@@ -257,7 +258,7 @@ def test_command_line_calibrates_with_the_patterns_asked_for(tiny_llama, tmp_pat
 
     monkeypatch.setattr(models, "load_model", lambda *args: (tiny_llama, CharTokenizer()))
     out = tmp_path / "c.json"
-    argv = ["--model", "tiny", "--lengths", "512", "--samples", "1", "--recall", "0.3", "--budget", "none"]
+    argv = ["--model", str(tmp_path), "--lengths", "512", "--samples", "1", "--recall", "0.3", "--budget", "none"]
     assert C.main([*argv, "--patterns", "a_shape", "--out", str(out)]) == 0
     config = load_config(out)
     assert config.provenance["patterns"] == ["a_shape", "dense"]
@@ -274,7 +275,7 @@ def test_command_line_calibrates_with_the_patterns_asked_for(tiny_llama, tmp_pat
         (["--lengths", "100"], "bad length"),
         (["--recall", "1.5"], "(0, 1]"),
         (["--recall", "0"], "(0, 1]"),
-        (["--samples", "0"], "positive integer"),
+        (["--samples", "0"], "must be an integer from 1"),
         (["--budget", "1.2"], "(0, 1]"),
         (["--model", "/no/such/model"], "--model"),
         (["--text", "/no/such/file.txt"], "--text"),
@@ -290,11 +291,85 @@ def test_bad_arguments_exit_2(argv, message, capsys):
 
 
 def test_parse_arguments():
-    assert C.parse_lengths("2k,4K, 6000") == [2048, 4096, 6000]
+    assert parse_lengths("2k,4K, 6000") == [2048, 4096, 6000]
     args = C.parser().parse_args(["--budget", "none", "--recall", "1"])
     assert args.budget is None and args.recall == 1.0
     assert args.patterns == C.PATTERNS == ("a_shape", "block_sparse", "vertical_slash", "adaptive")
     assert C.parser().parse_args(["--patterns", "vertical_slash,adaptive"]).patterns == ("vertical_slash", "adaptive")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """The model loader, made to fail the test if a command line reaches it."""
+    import sparse_prefill.models as models
+
+    def load(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", load)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--out", "{tmp}"], "argument --out: {tmp} is a folder; expected a file"),
+        (
+            ["--out", "{tmp}/file.txt/c.json"],
+            "--out: {tmp}/file.txt/c.json is under {tmp}/file.txt, which is a file",
+        ),
+        (["--lengths", "infk"], "bad length 'infk'"),
+        (["--lengths", "2k,0"], "bad length '0'"),
+        (["--lengths=-4k"], "bad length '-4k'"),
+        (["--lengths", "4.5k"], "bad length '4.5k'"),
+        (["--lengths", "9999999999k"], "bad length '9999999999k': expected token counts from 256 to 2147483647"),
+        (["--samples", "1" + "0" * 30], "argument --samples: must be an integer from 1 to 2147483647"),
+        (["--min-seq-len", "2147483648"], "argument --min-seq-len: must be an integer from 0 to 2147483647"),
+        (["--text", "{tmp}/latin-1.txt"], "argument --text: cannot read {tmp}/latin-1.txt as UTF-8 text"),
+        (["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
+    ],
+)
+def test_bad_arguments_exit_2_before_the_model_loads(argv, message, tmp_path, no_model_load, capsys):
+    (tmp_path / "file.txt").write_text("a file")
+    (tmp_path / "latin-1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    with pytest.raises(SystemExit) as e:
+        C.main([a.format(tmp=tmp_path) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc takes no new files on Linux only")
+def test_unwritable_out_exits_2_before_the_model_loads(no_model_load, capsys):
+    # Not a chmod-ed folder: the tests may run as root, who can write there anyway.
+    with pytest.raises(SystemExit) as e:
+        C.main(["--out", "/proc/sparse-prefill/c.json"])
+    assert e.value.code == 2
+    assert "argument --out: cannot write /proc/sparse-prefill/c.json: cannot create files in /proc" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_exits_2_before_the_model_loads(no_model_load, capsys):
+    with pytest.raises(SystemExit) as e:
+        C.main(["--device", "cuda"])
+    assert e.value.code == 2
+    assert "argument --device: 'cuda': CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_lengths_beyond_the_context_exit_2_before_calibrating(tiny_llama, tmp_path, monkeypatch, capsys):
+    import sparse_prefill.models as models
+
+    def calibrate(*args, **kwargs):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(models, "load_model", lambda *args: (tiny_llama, CharTokenizer()))
+    monkeypatch.setattr(C, "calibrate", calibrate)
+    with pytest.raises(SystemExit) as e:  # the tiny model's context is 2048 tokens
+        C.main(["--model", str(tmp_path), "--lengths", "2k,4k", "--out", str(tmp_path / "c.json")])
+    assert e.value.code == 2
+    assert "argument --lengths: 4096 exceeds the model's context of 2048 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
 
 
 def test_script_wrapper_reports_bad_args():

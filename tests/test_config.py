@@ -110,6 +110,28 @@ BAD = [
     (("layers", 0, 3), {"pattern": "adaptive", "last_q": 0}, "layers[0][3].last_q: must be a positive integer"),
     (("layers", 0, 3), {"pattern": "adaptive", "top_k": 3}, "layers[0][3].top_k: unknown parameter for adaptive"),
     (("defaults", "adaptive"), {"gamma": float("nan")}, "defaults.adaptive.gamma: must be a number in (0, 1], got nan"),
+    # Unknown keys, at every level.
+    (
+        ("min_seq_length",),
+        0,
+        "min_seq_length: unknown key (known: format, model, min_seq_len, defaults, layers, provenance)",
+    ),
+    (("model", "num_layer"), 2, "model.num_layer: unknown key (known: name, model_type, num_layers, num_heads"),
+    (("defaults", "a_shape", "window"), 64, "defaults.a_shape.window: unknown parameter for a_shape"),
+    (("layers", 1, 1, "Local"), 64, "layers[1][1].Local: unknown parameter for a_shape (known: sink, local)"),
+    # Integers too large for the kernels' int32 indices.
+    (("layers", 0, 0, "vertical"), 2**63, "layers[0][0].vertical: must be at most 2147483647 (2**31 - 1), got a 64"),
+    (("layers", 0, 2, "top_k"), 2**31, "layers[0][2].top_k: must be at most 2147483647"),
+    (("layers", 0, 0, "last_q"), 10**30, "layers[0][0].last_q: must be at most 2147483647"),
+    (("layers", 0, 0, "force_slash"), 2**40, "layers[0][0].force_slash: must be at most 2147483647"),
+    (("defaults", "a_shape", "local"), 2**63, "defaults.a_shape.local: must be at most 2147483647"),
+    (("model", "num_heads"), 2**64, "model.num_heads: must be at most 2147483647"),
+    (("min_seq_len",), 2**63, "min_seq_len: must be at most 2147483647"),
+    # Not numbers: NaN and infinities.
+    (("layers", 0, 0, "slash"), float("nan"), "layers[0][0].slash: must be a positive integer or a fraction in (0, 1)"),
+    (("layers", 0, 0, "vertical"), float("inf"), "layers[0][0].vertical: must be a positive integer or a fraction"),
+    (("layers", 0, 3), {"pattern": "adaptive", "tau": float("inf")}, "layers[0][3].tau: must be a number in [0, 1]"),
+    (("min_seq_len",), float("-inf"), 'min_seq_len: must be "auto" or an integer >= 0, got -inf'),
 ]
 
 
@@ -126,6 +148,43 @@ def test_not_json(tmp_path):
     (tmp_path / "c.json").write_text("{nope")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(tmp_path / "c.json")
+
+
+def _dump_with(path, replace: str, by: str) -> None:
+    """The good config as JSON, with one piece of its text replaced."""
+    text = json.dumps(good())
+    assert replace in text
+    path.write_bytes(text.replace(replace, by, 1).encode("latin-1"))
+
+
+@pytest.mark.parametrize(
+    "replace, by, message",
+    [
+        ('"vertical": 64', '"vertical": 9223372036854775808', "layers[0][0].vertical: must be at most 2147483647"),
+        ('"vertical": 64', '"vertical": ' + "9" * 5000, "{path}: not valid JSON"),  # more digits than int() takes
+        ('"vertical": 64', '"vertical": NaN', "layers[0][0].vertical: must be a positive integer or a fraction"),
+        ('"slash": 0.25', '"slash": Infinity', "layers[0][0].slash: must be a positive integer or a fraction"),
+        ('"slash": 0.25', '"slash": 1e400', "layers[0][0].slash: must be a positive integer or a fraction"),
+        ('"min_seq_len": 0', '"min_seq_length": 0', "min_seq_length: unknown key"),
+        ('"name": "tiny"', '"name": "tiny\xe9"', "{path}: not UTF-8 text"),
+        ('"tool": "test"', '"tool": ' + "[" * 100_000 + "]" * 100_000, "{path}: not a config (JSON nested too deeply)"),
+    ],
+    ids=["int64", "huge-literal", "nan", "infinity", "1e400", "unknown-key", "latin-1", "deep"],
+)
+def test_bad_file_is_a_config_error_naming_the_place(tmp_path, replace, by, message):
+    path = tmp_path / "c.json"
+    _dump_with(path, replace, by)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert message.format(path=path) in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["missing.json", "."])
+def test_unreadable_file_is_a_config_error_naming_the_path(tmp_path, name):
+    path = tmp_path / name
+    with pytest.raises(ConfigError, match="cannot read the config") as e:
+        load_config(path)
+    assert str(path) in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -149,3 +208,18 @@ def test_adaptive_heads_round_trip_with_float_thresholds(tmp_path):
     save_config(config, tmp_path / "c.json")
     assert load_config(tmp_path / "c.json") == config
     assert SparseConfig.uniform(INFO, "adaptive", gamma=0.95).layers[0][0].params["gamma"] == 0.95
+
+
+def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.json"
+    save_config(SparseConfig.from_dict(good()), path)
+    before = path.read_text()
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_config(SparseConfig.uniform(INFO, "dense"), path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # no temporary file left either

@@ -3,9 +3,12 @@
 import json
 import random
 import re
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import tiny_model
@@ -160,9 +163,9 @@ def test_model_that_cannot_be_patched(tmp_path_factory, tokenizer, capsys):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=1024))
     folder = _save(tmp_path_factory, "gpt2", gpt2, tokenizer)
     out = tmp_path_factory.mktemp("out")
-    (out / "keep.txt").write_text("old")
+    (out / "results.json").write_text("old")  # an earlier run's
     _fails(["--model", str(folder), "--out", str(out), "--lengths", "512"], capsys, "--model")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in out.iterdir()] == ["results.json"] and (out / "results.json").read_text() == "old"
 
 
 def test_config_or_length_that_does_not_fit_the_model(tiny_llama, tmp_path, capsys):
@@ -253,3 +256,99 @@ def test_adaptive_mode_reports_the_patterns_it_ran(tiny_llama, tmp_path):
     assert sum(run.values()) == 8 and all(p.startswith("adaptive:") for p in run)
     assert record["top1"] == 1.0  # gamma 1 keeps every key with attention mass
     assert "Patterns run" in (out / "summary.md").read_text()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """The model loader, made to fail the test if the command line reaches it."""
+
+    def load(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("sparse_prefill.eval.load_model", load)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--out", "{tmp}/file.txt/out"],
+            "--out: {tmp}/file.txt/out is under {tmp}/file.txt, which is a file",
+        ),
+        (["--out", "{tmp}/file.txt"], "argument --out: {tmp}/file.txt is a file; expected a folder"),
+        (["--out", "{tmp}"], "argument --out: {tmp} holds files this tool did not write (bad.json, file.txt)"),
+        (["--lengths", "infk"], "argument --lengths: bad length 'infk'"),
+        (["--lengths", "1k,0"], "argument --lengths: bad length '0'"),
+        (["--lengths=-2k"], "argument --lengths: bad length '-2k'"),
+        (["--lengths", "99999999999k"], "argument --lengths: bad length '99999999999k'"),
+        (["--samples", "1" + "0" * 30], "argument --samples: must be an integer from 1 to 2147483647"),
+        (["--min-seq-len", "2147483648"], "argument --min-seq-len: must be an integer from 0 to 2147483647"),
+        (["--config", "{tmp}/bad.json"], "argument --config: min_seq_length: unknown key"),
+        (["--config", "uniform-star"], "argument --config: 'uniform-star': unknown pattern"),
+        (["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
+        pytest.param(  # not a chmod-ed folder: the tests may run as root, who can write there anyway
+            ["--out", "/proc/sparse-prefill-eval"],
+            "argument --out: cannot write /proc/sparse-prefill-eval: cannot create files in /proc",
+            marks=pytest.mark.skipif(sys.platform != "linux", reason="/proc takes no new files on Linux only"),
+        ),
+    ],
+)
+def test_bad_arguments_exit_2_before_the_model_loads(args, message, tmp_path, no_model_load, capsys):
+    (tmp_path / "file.txt").write_text("a file")
+    raw = SparseConfig.uniform(SMOLLM2_SHAPE).to_dict()
+    (tmp_path / "bad.json").write_text(json.dumps({**raw, "min_seq_length": 0}))
+    with pytest.raises(SystemExit) as e:
+        main([a.format(tmp=tmp_path) for a in args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_exits_2_before_the_model_loads(no_model_load, capsys):
+    _fails(["--device", "cuda"], capsys, "--device")
+
+
+def _earlier_run(out):
+    """A folder as an earlier run with ``niah`` left it."""
+    out.mkdir()
+    for name in ("results.json", "summary.md", "needle_grid.png", "patterns.png"):
+        (out / name).write_text(f"old {name}")
+
+
+TINY_RUN = ["--tasks", "kv", "--lengths", "512", "--samples", "1", "--no-progress", "--config", "uniform-vs"]
+
+
+def test_rerun_replaces_the_earlier_run(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    _earlier_run(out)
+    assert main(["--model", str(tiny_llama), "--out", str(out), *TINY_RUN]) == 0
+    # No niah this time: the earlier heatmap must not stay beside results it does not belong to.
+    assert sorted(p.name for p in out.iterdir()) == ["patterns.png", "results.json", "summary.md"]
+    assert json.loads((out / "results.json").read_text())["meta"]["tasks"] == ["kv"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_interrupted_write_leaves_the_earlier_run(tiny_llama, tmp_path, monkeypatch, calls):
+    """Interrupted at the first or the second rename of the outputs into place: the earlier run stays whole."""
+    import os
+
+    out = tmp_path / "out"
+    _earlier_run(out)
+    rename, count = os.rename, []
+
+    def interrupted(src, dst):
+        if Path(src).parent == tmp_path:  # the outputs' renames, not those of any library
+            count.append(src)
+            if len(count) == calls:
+                raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--model", str(tiny_llama), "--out", str(out), *TINY_RUN])
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        name: f"old {name}" for name in ("results.json", "summary.md", "needle_grid.png", "patterns.png")
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
