@@ -330,9 +330,10 @@ def sparse_prefill_attention(
     if kv_len < min_seq_len:
         record.reason = f"kv_len {kv_len} < min_seq_len {min_seq_len} ({source})"
         return dense()
-    run = _backend(patch, query, k)
+    run, why_not = _backend(patch, query, k, v)
     if run is None:
-        record.reason = "no sparse backend for this input"
+        record.reason = why_not
+        patch.warn_once(f"sparse_prefill: {why_not}; such calls run dense")
         return dense()
     # Triton launches on the current CUDA device: make it this layer's (a model split by device_map spans several).
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
@@ -351,14 +352,13 @@ def sparse_prefill_attention(
     return out, None
 
 
-def _backend(patch: PatchState, query: torch.Tensor, key: torch.Tensor):
-    """The sparse runner for this input, or None (after one warning) when only dense can run it."""
+def _backend(patch: PatchState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """(the sparse runner for this input, "") or (None, why only dense can run it)."""
     if patch.backend == "torch" or (patch.backend == "auto" and not query.is_cuda):
-        return sparse_attention_torch
+        return sparse_attention_torch, ""  # torch ops: autograd differentiates it
     from .kernels import sparse_attention_triton, supports
 
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return None, "gradients (the Triton kernel has no backward)"
     reason = supports(query, key)
-    if reason is None:
-        return sparse_attention_triton
-    patch.warn_once(f"sparse_prefill: Triton kernel unavailable ({reason}); running dense")
-    return None
+    return (None, f"the Triton kernel cannot run this input ({reason})") if reason else (sparse_attention_triton, "")
