@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> None:
                     t_all = bench(lambda: sparse_attention(q, k, v, plan.index(q, k, scale, [0]), scale))
                     mem = peak_extra(lambda: first_calls(q, k, v, heads, scale, sparse_attention))
                     density = float(tile_density(index).mean())
-                    exact = exact_rows(q, k, v, index, sample, scale)
-                    torch_bf16 = exact_rows(q, k, v, index, sample, scale, dtype=torch.bfloat16)
+                    exact, recall = exact_rows(q, k, v, index, sample, scale)
+                    torch_bf16, _ = exact_rows(q, k, v, index, sample, scale, dtype=torch.bfloat16)
                     tiles = density * (S / 64) * (S / 64 + 1) / 2 * H
                     rows.append(
                         {
@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                             "kernel_speedup": t_cudnn / t_kernel,
                             "density": density,
                             "tflops": tiles * 4 * D * 64 * 64 / t_kernel / 1e9,
+                            "recall": recall,
                             "err_vs_dense": rel_err(out[0, sample], ref[0, sample]),
                             "err_vs_pattern": rel_err(out[0, sample], exact),
                             "torch_bf16_err_vs_pattern": rel_err(torch_bf16, exact),
@@ -343,25 +344,29 @@ def _chosen(index) -> str:
     return " / ".join(f"{short[c]} {counts[c]}" for c in CHOICES if counts[c])
 
 
-def exact_rows(q, k, v, index, rows, scale, dtype=torch.float32) -> torch.Tensor:
-    """Attention of the given query rows under the index's exact mask, computed in ``dtype``: [R, H, D]."""
+def exact_rows(q, k, v, index, rows, scale, dtype=torch.float32) -> tuple[torch.Tensor, float]:
+    """Attention of the given query rows under the index's exact mask, computed in ``dtype``: [R, H, D]; and the
+    attention recall, the share of the rows' causal attention mass the mask keeps (mean over rows and heads)."""
     G = q.shape[1] // k.shape[1]
     blocks, cols = block_mask(index, 0), col_mask(index, 0)  # [H, M, N], [H, S]
     kk = k[0].to(dtype).repeat_interleave(G, 0)
     vv = v[0].to(dtype).repeat_interleave(G, 0)
-    out = []
+    out, kept = [], []
     for chunk in rows.split(32):
         mask = rows_mask(blocks, cols, 0, chunk)  # [H, R, S]; one unpadded sample, q_len == kv_len
         s = (q[0, :, chunk].to(dtype) @ kk.transpose(-1, -2)).float() * scale
+        causal = torch.arange(s.shape[-1], device=s.device) <= chunk[:, None]
+        kept.append((torch.softmax(s.masked_fill(~causal, float("-inf")), -1) * mask).sum(-1).flatten())
         p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).to(dtype)
         out.append((p @ vv).float().transpose(0, 1))
-    return torch.cat(out)
+    return torch.cat(out), float(torch.cat(kept).mean())
 
 
 def _line(r: dict) -> str:
     return (
         f"{r['shape']:>10} {r['S']:>7} {r['input']:>10} {r['provider']:>15} {r['ms']:9.2f} ms "
-        f"x{r['speedup']:5.2f} density {r['density']:.3f} err {r.get('err_vs_dense', 0):.3g}"
+        f"x{r['speedup']:5.2f} density {r['density']:.3f} recall {r.get('recall', 1):.4f} "
+        f"err {r.get('err_vs_dense', 0):.3g}"
     )
 
 
@@ -377,6 +382,7 @@ COLUMNS = [
     "kernel_speedup",
     "density",
     "tflops",
+    "recall",
     "err_vs_dense",
     "err_vs_pattern",
     "torch_bf16_err_vs_pattern",
