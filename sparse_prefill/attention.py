@@ -200,10 +200,15 @@ def dense_heads_into(
 
     Args:
         out: [B, q_len, Hq, D], the other heads' output. query, key, value: as for
-            :func:`sparse_prefill_attention`. attention_mask: its mask, or None for causal attention with as many keys
-            as queries. heads: ascending query heads.
+            :func:`sparse_prefill_attention`. attention_mask: its mask, or None for bottom-right causal attention
+            (the queries are the last q_len positions, as in the index). heads: ascending query heads.
     One SDPA call per KV head over its selected query heads, so K/V are never repeated.
     """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask, causal = attention_mask, attention_mask is None
+    if causal and q_len != kv_len:  # is_causal aligns top-left
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        causal = False
     group = query.shape[1] // key.shape[1]
     with _fastest_first(query):
         for kv, run in itertools.groupby(heads, lambda h: h // group):
@@ -213,8 +218,8 @@ def dense_heads_into(
                 query[:, rows],
                 key[:, kv : kv + 1],
                 value[:, kv : kv + 1],
-                attn_mask=attention_mask,
-                is_causal=attention_mask is None,
+                attn_mask=mask,
+                is_causal=causal,
                 scale=scale,
                 enable_gqa=True,
             )
