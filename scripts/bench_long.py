@@ -12,8 +12,9 @@ these lengths run-to-run spread is small next to the differences). Configs, all 
 
 * ``sparse``: ``patch_model`` with the shipped converted config of the model (``configs/<name>.json``) if there is one,
   else vertical-slash on every head at MInference's budgets; ``min_seq_len=0``, so every chunk runs sparse;
-* ``dense``: SDPA (cuDNN first) with the same lower-right causal bias for the chunks (no ``chunk x keys`` mask tensor),
-  up to ``--dense-max`` tokens; longer ones are extrapolated: ``ceiling(S) + c * S^2`` with ``c`` a least-squares fit of
+* ``dense``: SDPA with the same lower-right causal bias for the chunks (no ``chunk x keys`` mask tensor): SDPA runs
+  the first chunk on cuDNN and the later ones on its flash kernel (cuDNN takes no bottom-right causal), up to
+  ``--dense-max`` tokens; longer ones are extrapolated: ``ceiling(S) + c * S^2`` with ``c`` a least-squares fit of
   the measured ``dense - ceiling`` (causal attention is quadratic), and labelled so;
 * ``ceiling``: attention skipped (zeros): everything else, the floor of any attention speed-up.
 
@@ -73,7 +74,7 @@ MODELS = {
             num_key_value_heads=4,
             head_dim=128,
             rope_theta=10000000.0,
-            max_position_embeddings=1010000,
+            max_position_embeddings=M + 1024,  # the real model's is 1010000: a 1M-token (2^20) prompt is past it
             use_sliding_window=False,
             tie_word_embeddings=False,
         ),

@@ -14,12 +14,14 @@ those of the chunk, not of the prompt. So:
   sparse vs dense is 0.17-0.20 and chunked sparse vs dense 0.15-0.19.
 """
 
+import pytest
 import torch
 from transformers import DynamicCache
 
 from conftest import assert_close, tiny_model
 from sparse_prefill import SparseConfig, last_report, patch_model
 from sparse_prefill import attention as sp_attention
+from sparse_prefill.config import FORMAT
 from sparse_prefill.index import token_mask
 from sparse_prefill.models import cache_kwarg
 from sparse_prefill.patches import adapter_for
@@ -107,3 +109,30 @@ def test_real_budgets_chunked_is_as_close_to_dense_as_one_shot():
     got = chunked(model, 256)[0, -1]
     assert rel_l2(got, sparse) < 0.15  # measured 0.104
     assert rel_l2(got, dense) < 1.2 * rel_l2(sparse, dense)  # measured 0.160 vs 0.170
+
+
+GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
+def test_dense_heads_next_to_the_kernel_take_the_bias(device):
+    """The Triton backend (the interpreter on the CPU) with dense heads next to sparse ones: those heads run SDPA with
+    the chunk's lower-right bias (``dense_heads_into``); a layer of dense heads only runs transformers' SDPA with it."""
+    dtype, tol = (torch.float32, 1e-4) if device == "cpu" else (torch.bfloat16, 3e-2)
+    stock, model = (tiny_model(head_dim=64).to(device, dtype) for _ in range(2))
+    info = adapter_for(model).model_info(model)
+    mixed = [{"pattern": "dense"}, {"pattern": "vertical_slash", "vertical": 1024, "slash": 1024}] * 2
+    layers = [mixed, [{"pattern": "dense"}] * 4]
+    config = SparseConfig.from_dict({"format": FORMAT, "model": vars(info), "min_seq_len": 0, "layers": layers})
+    patch_model(model, config, backend="triton")
+    ids = IDS[:, :300].to(device)
+    kw = dict(max_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        want = stock.generate(ids, **kw)
+        got = model.generate(ids, prefill_chunk_size=128, **kw)
+    records = last_report(model)
+    assert [(r.path, r.reason, r.q_len, r.kv_len) for r in records] == [
+        ("sparse", "", 44, 300), ("dense", "all heads dense", 44, 300)
+    ]  # fmt: skip
+    assert torch.equal(got.sequences, want.sequences)
+    assert_close(torch.stack(got.logits), torch.stack(want.logits), tol, tol)
