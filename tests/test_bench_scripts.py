@@ -219,8 +219,8 @@ def test_long_smoke_run(tmp_path):
     assert "SMOKE RUN" in md and "## qwen2.5-7b-1m: TTFT, chunked prefill" in md and "\\* extrapolated:" in md
 
 
-def test_long_chunk_must_be_a_block_multiple(capsys):
+def test_long_chunk_must_be_a_block_multiple(tmp_path, capsys):
     load("bench_e2e")
     with pytest.raises(SystemExit):
-        load("bench_long").main(["--smoke", "--chunk", "100"])
+        load("bench_long").main(["--smoke", "--chunk", "100", "--out", str(tmp_path / "long")])
     assert "--chunk: must be a positive multiple of 64" in capsys.readouterr().err
