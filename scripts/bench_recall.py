@@ -29,7 +29,7 @@ from sparse_prefill.config import HeadSpec, SparseConfig  # noqa: E402
 from sparse_prefill.estimate import build_index  # noqa: E402
 from sparse_prefill.index import tile_density  # noqa: E402
 from sparse_prefill.models import SMOLLM2, load_model  # noqa: E402
-from sparse_prefill.patch import resolve_config, with_adaptive_params  # noqa: E402
+from sparse_prefill.patch import resolve_config, with_head_params  # noqa: E402
 from sparse_prefill.patches import adapter_for  # noqa: E402
 from sparse_prefill.tasks import TASKS, make_samples  # noqa: E402
 
@@ -41,7 +41,7 @@ def settings(config: SparseConfig, gammas: list[float]) -> dict[str, list[list[H
     adaptive = SparseConfig.uniform(config.model, "adaptive")
     out = {"config": config.layers}
     for gamma in gammas:
-        out[f"adaptive, gamma {gamma}"] = with_adaptive_params(adaptive, {"gamma": gamma}).layers
+        out[f"adaptive, gamma {gamma}"] = with_head_params(adaptive, "adaptive", {"gamma": gamma}).layers
     return out
 
 

@@ -136,12 +136,10 @@ class PatchState:
             self._resolved[key] = (min_len, source, dense_backend_for(self.dense_backend, dev_class, query.shape[-1]))
         return self._resolved[key]
 
-    def layout(self, layer: int, mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int) -> KeyLayout | str:
+    def layout(self, mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int) -> KeyLayout | str:
         """:func:`~sparse_prefill.layout.read_layout` of this call. Every layer of a forward gets the same mask tensor,
-        so it is read once per forward: remembered by identity until the first layer's next call, and never across
-        forwards (a mask buffer can be rewritten in place between them)."""
-        if layer == self.first_layer:
-            self._layouts.clear()
+        so it is read once per forward: remembered by identity until the first layer's next call
+        (:meth:`forward_starts`), never across forwards (a mask buffer can be rewritten in place between them)."""
         if mask is None:
             return read_layout(None, batch, q_len, kv_len)
         key = (id(mask), batch, q_len, kv_len)
@@ -149,6 +147,9 @@ class PatchState:
         if seen is None or seen[0]() is not mask:
             seen = self._layouts[key] = (weakref.ref(mask), read_layout(mask, batch, q_len, kv_len))
         return seen[1]
+
+    def forward_starts(self) -> None:
+        self._layouts.clear()
 
 
 @dataclass
@@ -307,6 +308,8 @@ def sparse_prefill_attention(
             "after patch_model: patch it again"
         )
     patch = state.patch
+    if state.layer == patch.first_layer:
+        patch.forward_starts()
     record = LayerRecord(state.layer, "dense", state.heads, q_len=q_len, kv_len=kv_len)
     patch.records[state.layer] = record
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -324,7 +327,7 @@ def sparse_prefill_attention(
         record.reason = "all heads dense"
         return dense()
     layout = _unsupported(module, kwargs, dropout, kv_len) or patch.layout(
-        state.layer, attention_mask, query.shape[0], q_len, kv_len
+        attention_mask, query.shape[0], q_len, kv_len
     )
     if isinstance(layout, str):
         record.reason = f"{layout} is not supported by the sparse path"

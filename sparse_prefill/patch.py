@@ -14,6 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTN_NAME, LAYERS, LayerRecord, LayerState, PatchState, sparse_prefill_attention
 from .config import (
+    CHOICES,
     SHAPE,
     ConfigError,
     HeadSpec,
@@ -120,6 +121,7 @@ def patch_model(
     mode: str = "config",
     gamma: float | None = None,
     tau: float | None = None,
+    slash_select: str | None = None,
     min_seq_len: int | str | None = None,
     backend: str = "auto",
     dense_backend: str = "auto",
@@ -143,6 +145,10 @@ def patch_model(
             value on every adaptive head; an error if there is none.
         tau: adaptive heads go query-aware block-sparse when sqrt(JS) of the pooled estimate is below it, in [0, 1]
             (default 0.1; 0 = never). Overrides like ``gamma``.
+        slash_select: ``"token"`` or ``"block"``, set on every vertical-slash head (an error if there is none).
+            ``"token"`` keeps MInference's top diagonals (the converted real-model configs' choice); ``"block"``
+            spends the same budget on whole block diagonals: at the Llama-3.1-8B config's budgets on the H200 at
+            128K, 2.4x faster with less attention recall (benchmarks/results/bench_layer_llama31_8b_config_h200.md).
         min_seq_len: prompts with fewer keys than this run dense. None: the config's ``min_seq_len``, whose
             default ``"auto"`` is the crossover measured for the call's device class and head_dim
             (``sparse_prefill.devices.MIN_SEQ_LEN``; 65536 where nothing was measured, the CPU included).
@@ -184,13 +190,17 @@ def patch_model(
     if dense_backend == "flash_attn":
         load_flash_attn()
     overrides = {name: check_unit(v, name, name) for name, v in (("gamma", gamma), ("tau", tau)) if v is not None}
+    if slash_select not in (None, *CHOICES["slash_select"]):
+        raise ValueError(f"slash_select: must be one of {CHOICES['slash_select']}, got {slash_select!r}")
+    vs_overrides = {} if slash_select is None else {"slash_select": slash_select}
     adapter = adapter_for(model, force)
     info = adapter.model_info(model)
     if mode == "adaptive":
         cfg = SparseConfig.uniform(info, "adaptive", **overrides)
         cfg.provenance = {"tool": "patch_model(mode='adaptive')"}
     else:
-        cfg = with_adaptive_params(resolve_config(config, info), overrides)
+        cfg = with_head_params(resolve_config(config, info), "adaptive", overrides)
+    cfg = with_head_params(cfg, "vertical_slash", vs_overrides)
     cfg.check_model(info)
     modules = adapter.attention_modules(model)
     shards = [head_shard(*adapter.head_projections(module), info) for module in modules]
@@ -215,14 +225,14 @@ def patch_model(
     return cfg
 
 
-def with_adaptive_params(config: SparseConfig, params: dict) -> SparseConfig:
-    """``config`` with ``params`` set on every adaptive head (the config itself if ``params`` is empty)."""
+def with_head_params(config: SparseConfig, pattern: str, params: dict) -> SparseConfig:
+    """``config`` with ``params`` set on every head of ``pattern`` (the config itself if ``params`` is empty)."""
     if not params:
         return config
-    if not any(h.pattern == "adaptive" for heads in config.layers for h in heads):
-        raise ValueError(f"{next(iter(params))}: the config has no adaptive heads to apply it to")
+    if not any(h.pattern == pattern for heads in config.layers for h in heads):
+        raise ValueError(f"{next(iter(params))}: the config has no {pattern} heads to apply it to")
     layers = [
-        [HeadSpec(h.pattern, {**h.params, **params}) if h.pattern == "adaptive" else h for h in heads]
+        [HeadSpec(h.pattern, {**h.params, **params}) if h.pattern == pattern else h for h in heads]
         for heads in config.layers
     ]
     return dataclasses.replace(config, layers=layers)

@@ -279,6 +279,19 @@ def test_adaptive_left_padding_and_chunked_prefill_equal_single_runs():
     assert_close(torch.cat([first, second], 1), logits(model, IDS), 1e-4, 1e-4)
 
 
+def test_slash_select_is_set_on_every_vertical_slash_head():
+    model = tiny_model()
+    raw = config_for(model, **SPARSE).to_dict()
+    raw["layers"][0][1] = {"pattern": "a_shape", "sink": 4, "local": 64}
+    for choice in ("token", "block"):
+        config = patch_model(model, raw, slash_select=choice)
+        heads = [h for layer in config.layers for h in layer]
+        assert {h.params["slash_select"] for h in heads if h.pattern == "vertical_slash"} == {choice}
+        assert heads[1].params == {"sink": 4, "local": 64}
+        logits(model, IDS)
+        assert {r.path for r in last_report(model)} == {"sparse"}
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -289,6 +302,8 @@ def test_adaptive_left_padding_and_chunked_prefill_equal_single_runs():
         (dict(mode="flex"), "mode: must be one of ('config', 'adaptive'), got 'flex'"),
         (dict(mode="adaptive", config={"format": "sparse_prefill/1"}), "config: must be None with mode='adaptive'"),
         (dict(gamma=0.9), "gamma: the config has no adaptive heads to apply it to"),
+        (dict(slash_select="tokens"), "slash_select: must be one of ('token', 'block'), got 'tokens'"),
+        (dict(mode="adaptive", slash_select="token"), "slash_select: the config has no vertical_slash heads"),
     ],
 )
 def test_bad_adaptive_arguments_leave_the_model_unpatched(kwargs, message):
