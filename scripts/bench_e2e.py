@@ -142,9 +142,15 @@ def register_skip() -> None:
 
 def build_model(name: str, smoke: bool, device: str, dtype: torch.dtype):
     """A random-init model of the named shape, created directly on ``device`` in ``dtype``."""
+    model_type, shape = MODELS[name]
+    return build_shape(name, model_type, shape, smoke, device, dtype)
+
+
+def build_shape(name: str, model_type: str, shape: dict, smoke: bool, device: str, dtype: torch.dtype):
+    """A random-init model of ``model_type`` with ``shape`` (config fields; with ``smoke`` :data:`SMOKE_SHAPE`, keeping
+    its rope_theta and use_sliding_window), named ``name``, created directly on ``device`` in ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_type, shape = MODELS[name]
     if smoke:
         shape = {**SMOKE_SHAPE, **{k: v for k, v in shape.items() if k in ("rope_theta", "use_sliding_window")}}
     config = AutoConfig.for_model(model_type, **shape)

@@ -201,8 +201,9 @@ def dense_heads_into(
 
     Args:
         out: [B, q_len, Hq, D], the other heads' output. query, key, value: as for
-            :func:`sparse_prefill_attention`. attention_mask: its mask, or None for bottom-right causal attention
-            (the queries are the last q_len positions, as in the index). heads: ascending query heads.
+            :func:`sparse_prefill_attention`. attention_mask: its mask (a tensor or a lower-right ``CausalBias``), or
+            None for bottom-right causal attention (the queries are the last q_len positions, as in the index).
+            heads: ascending query heads.
     One SDPA call per KV head over its selected query heads, so K/V are never repeated.
     """
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -287,8 +288,9 @@ def sparse_prefill_attention(
     Args:
         module: the attention module; its patched state says the layer's head specs.
         query: [B, Hq, q_len, D] after RoPE. key, value: [B, Hkv, kv_len, D], the whole cache, not repeated.
-        attention_mask: None (causal, top-left aligned as SDPA's ``is_causal``) or a 4D mask, bool (True = attend)
-            or float (additive); :func:`~sparse_prefill.layout.read_layout` decides whether the sparse path runs it.
+        attention_mask: None (causal, top-left aligned as SDPA's ``is_causal``), a lower-right ``CausalBias``
+            (chunked prefill: :func:`~sparse_prefill.layout.lower_right_mask`) or a 4D mask, bool (True = attend) or
+            float (additive); :func:`~sparse_prefill.layout.read_layout` decides whether the sparse path runs it.
         dropout, scaling: as for SDPA; the sparse path needs ``dropout == 0``.
     Returns:
         ([B, q_len, Hq, D] contiguous, None).
@@ -334,7 +336,7 @@ def sparse_prefill_attention(
     # Keys past the layout's are never attended (an empty static cache's slots): the sparse path does not see them.
     record.kv_len = kv_len = layout.kv_len
     k, v = key[:, :, :kv_len], value[:, :, :kv_len]
-    mask = attention_mask[..., :kv_len] if attention_mask is not None else None
+    mask = attention_mask if attention_mask is None or kv_len == key.shape[2] else attention_mask[..., :kv_len]
     if kv_len < min_seq_len:
         record.reason = f"kv_len {kv_len} < min_seq_len {min_seq_len} ({source})"
         return dense()

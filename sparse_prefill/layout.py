@@ -7,6 +7,9 @@ A call is that, and so runs sparse, when its mask says so row by row:
 * no mask: stock SDPA runs ``is_causal=True``, whose alignment is top-left: query ``i`` sees keys ``0..i``. With as
   many keys as queries that is bottom-right causal; with more (an empty static cache, whose keys span the whole
   cache) the keys past ``q_len`` are never seen, so the call is bottom-right causal over the first ``q_len`` keys.
+* a lower-right :class:`~torch.nn.attention.bias.CausalBias` of ``(q_len, kv_len)``: what :func:`lower_right_mask`
+  gives a chunked-prefill call without padding, instead of a ``q_len x kv_len`` tensor (16 GiB for a 16K chunk over
+  1M keys);
 * a 4D mask ``[B or 1, 1, q_len, kv_len]``, bool (True = attend) or float (0 = attend, ``-inf`` or the dtype's
   minimum = masked, as transformers builds them), in which every sample's valid query rows are exactly
   "keys ``kv_start[b]`` up to the row's own position", for one position of the last row shared by the batch: causal
@@ -23,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.bias import CausalBias, CausalVariant, causal_lower_right
+from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 # Row chunks of the mask are read at most this many elements at a time: the temporaries stay small even for a
 # [B, 1, S, S] mask at 128K.
@@ -43,7 +48,8 @@ def read_layout(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int) 
     """The call's :class:`KeyLayout`, or why the sparse path cannot run it exactly.
 
     Args:
-        mask: what transformers passed as ``attention_mask``: None, or a 4D bool / float mask.
+        mask: what transformers passed as ``attention_mask``: None, a lower-right ``CausalBias``, or a 4D bool /
+            float mask.
         batch, q_len, kv_len: the call's batch size and query and key lengths (keys: the whole cache).
     Returns:
         A :class:`KeyLayout`, or a reason ("a prefix-LM or packed mask ..."), for the record and the warning.
@@ -51,6 +57,12 @@ def read_layout(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int) 
     """
     if mask is None:
         return KeyLayout([0] * batch, q_len)
+    if isinstance(mask, CausalBias):
+        if mask.variant == CausalVariant.LOWER_RIGHT and (mask.seq_len_q, mask.seq_len_kv) == (q_len, kv_len):
+            return KeyLayout([0] * batch, kv_len)
+        return f"a {mask.variant.name} causal bias of {mask.seq_len_q} x {mask.seq_len_kv} for {q_len} x {kv_len}"
+    if not isinstance(mask, torch.Tensor):
+        return f"an attention mask of type {type(mask).__name__}"
     if mask.dim() != 4:
         return f"a {mask.dim()}D attention mask"
     if mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or tuple(mask.shape[2:]) != (q_len, kv_len):
@@ -96,3 +108,60 @@ def _row_extents(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
         last[:, r0 : r0 + step] = kv - 1 - as_bytes.flip(-1).argmax(-1)
         count[:, r0 : r0 + step] = as_bytes.sum(-1)
     return first, last, count, exact
+
+
+def lower_right_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    allow_is_causal_skip: bool = True,
+    use_vmap: bool = False,
+    **kwargs,
+):
+    """The mask function patched models register (``AttentionMaskInterface``): transformers' ``sdpa_mask``, except
+    for a call that appends ``q_length > 1`` queries to a cache it fills exactly (chunked prefill: ``q_offset +
+    q_length == kv_length > q_length``) with plain causal attention and no padding, which gets
+    ``causal_lower_right(q_length, kv_length)`` instead of a ``[B, 1, q_length, kv_length]`` bool tensor.
+
+    The two mean the same: query ``i`` attends to keys ``0 .. kv_length - q_length + i``. SDPA takes the
+    ``CausalBias`` as ``attn_mask`` (flash or memory-efficient attention with bottom-right alignment, else its
+    materialised mask), and :func:`read_layout` reads it without scanning anything. Arguments as ``sdpa_mask``'s;
+    anything else (padding, a static cache's offsets, overlays of other mask functions, tracing) is ``sdpa_mask``'s.
+    """
+    plain = (
+        allow_is_causal_skip
+        and not use_vmap
+        and mask_function is causal_mask_function
+        and isinstance(q_offset, int)
+        and kv_offset == 0
+        and 1 < q_length < kv_length == q_offset + q_length
+        and not torch.compiler.is_compiling()
+        and (attention_mask is None or (attention_mask.shape[-1] == kv_length and bool(attention_mask.all())))
+    )
+    if plain:
+        return _lower_right(q_length, kv_length)
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=allow_is_causal_skip,
+        use_vmap=use_vmap,
+        **kwargs,
+    )
+
+
+def _lower_right(q_len: int, kv_len: int) -> CausalBias:
+    """``causal_lower_right(q_len, kv_len)`` without its storage: ``CausalBias`` is a tensor subclass whose
+    constructor allocates an uninitialised float32 tensor of shape ``[2, q_len, kv_len]`` on the host (its arguments
+    read as a size), 128 GiB of address space for a 16K chunk over 1M keys, which the host may refuse."""
+    bias = causal_lower_right(0, 0)
+    bias.seq_len_q, bias.seq_len_kv = q_len, kv_len
+    return bias

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTN_NAME, LAYERS, LayerRecord, LayerState, PatchState, sparse_prefill_attention
 from .config import (
@@ -26,6 +26,7 @@ from .config import (
 )
 from .devices import DENSE_BACKENDS, load_flash_attn
 from .estimate import LayerPlan
+from .layout import lower_right_mask
 from .parallel import head_shard
 from .patches import adapter_for
 
@@ -41,7 +42,7 @@ logger = logging.getLogger("sparse_prefill")
 def _register() -> None:
     AttentionInterface.register(ATTN_NAME, sparse_prefill_attention)
     # Without a mask function of its own name, transformers would build no padding mask for this implementation.
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_NAME, lower_right_mask)
 
 
 def shipped_configs() -> list[Path]:

@@ -198,3 +198,29 @@ def test_layer_smoke_run_of_one_config_layer(tmp_path):
     assert len(heads) == 28 and {h.params["slash_select"] for h in heads if h.pattern == "vertical_slash"} == {"block"}
     with pytest.raises(SystemExit, match="--layer: must be in"):
         bench.main(["--smoke", "--config", "qwen2.5-7b-instruct", "--layer", "28"])
+
+
+def test_long_smoke_run(tmp_path):
+    load("bench_e2e")  # bench_long imports it by name
+    bench = load("bench_long")
+    out = tmp_path / "long"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    table = list(csv.DictReader(open(f"{out}.csv")))
+    got = [(r["S"], r["config"], r["extrapolated"] != "") for r in table]
+    assert got == [
+        ("256", "sparse", False), ("512", "sparse", False), ("256", "ceiling", False), ("512", "ceiling", False),
+        ("256", "dense", False), ("512", "dense", True),
+    ]  # fmt: skip
+    by = {(r["S"], r["config"]): r for r in table}
+    assert by["512", "sparse"]["path"] == "sparse 2/2" and 0 < float(by["512", "sparse"]["density"]) <= 1
+    assert by["512", "dense"]["extrapolated"].startswith("ceiling + ") and float(by["256", "dense"]["speedup"]) == 1
+    assert all(float(r["host_rss_gb"]) > 0 and r["chunk"] == "128" for r in table if r["config"] != "dense")
+    md = open(f"{out}.md").read()
+    assert "SMOKE RUN" in md and "## qwen2.5-7b-1m: TTFT, chunked prefill" in md and "\\* extrapolated:" in md
+
+
+def test_long_chunk_must_be_a_block_multiple(tmp_path, capsys):
+    load("bench_e2e")
+    with pytest.raises(SystemExit):
+        load("bench_long").main(["--smoke", "--chunk", "100", "--out", str(tmp_path / "long")])
+    assert "--chunk: must be a positive multiple of 64" in capsys.readouterr().err

@@ -10,10 +10,13 @@ import logging
 
 import pytest
 import torch
+from torch.nn.attention.bias import CausalBias, causal_upper_left
 from transformers import DynamicCache, StaticCache
+from transformers.masking_utils import sdpa_mask
 
 from conftest import KINDS, assert_close, tiny_model
 from sparse_prefill import SparseConfig, last_report, patch_model
+from sparse_prefill.layout import KeyLayout, lower_right_mask, read_layout
 from sparse_prefill.models import cache_kwarg
 from sparse_prefill.patches import adapter_for
 
@@ -161,6 +164,34 @@ def test_chunked_prefill_runs_sparse_over_the_whole_cache(cache_type, pads):
     assert {(r.q_len, r.kv_len) for r in last_report(patched)} == {(130, S)}
     for b, p in enumerate(pads):
         assert_close(outs[1][b, p:], outs[0][b, p:], 1e-4, 1e-4)
+
+
+def test_a_chunk_without_padding_gets_a_lower_right_bias_read_without_a_scan():
+    chunk = dict(batch_size=2, q_length=130, kv_length=S, q_offset=170, device="cpu")
+    bias = lower_right_mask(**chunk)
+    assert isinstance(bias, CausalBias) and (bias.seq_len_q, bias.seq_len_kv) == (130, S)
+    assert bias.untyped_storage().nbytes() == 0  # CausalBias's own constructor would allocate [2, 130, S] floats
+    assert torch.equal(bias._materialize(), sdpa_mask(**chunk)[0, 0])
+    assert isinstance(lower_right_mask(**chunk, attention_mask=torch.ones(2, S, dtype=torch.bool)), CausalBias)
+    assert read_layout(bias, 2, 130, S) == KeyLayout([0, 0], S)
+    # Padding, a one-shot prefill (SDPA's is_causal) and a mask that is not lower-right are sdpa_mask's / dense.
+    padded = lower_right_mask(**chunk, attention_mask=padded_2d([0, 90]).bool())
+    assert type(padded) is torch.Tensor and padded.shape == (2, 1, 130, S)
+    assert lower_right_mask(**{**chunk, "q_length": S, "q_offset": 0}) is None
+    assert read_layout(bias, 2, 129, S).startswith("a LOWER_RIGHT causal bias of 130 x 300 for 129 x 300")
+    assert read_layout(causal_upper_left(130, S), 2, 130, S).startswith("a UPPER_LEFT causal bias")
+
+
+@pytest.mark.parametrize("min_seq_len", [0, S + 1], ids=["sparse", "dense"])
+def test_chunked_prefill_with_the_bias_gives_stock_logits(min_seq_len):
+    stock, patched = tiny_model("llama"), tiny_model("llama")
+    patch_model(patched, min_seq_len=min_seq_len)
+    outs = []
+    for model in (stock, patched):
+        kw = {cache_kwarg(model): DynamicCache(config=model.config), "use_cache": True}
+        outs.append(torch.cat([forward(model, IDS[:, :170], **kw), forward(model, IDS[:, 170:], **kw)], 1))
+    assert {r.path for r in last_report(patched)} == {"sparse" if min_seq_len == 0 else "dense"}
+    assert_close(outs[1], outs[0], 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("first_layer_dense", [False, True])
