@@ -198,3 +198,13 @@ def test_layer_smoke_run_of_one_config_layer(tmp_path):
     assert len(heads) == 28 and {h.params["slash_select"] for h in heads if h.pattern == "vertical_slash"} == {"block"}
     with pytest.raises(SystemExit, match="--layer: must be in"):
         bench.main(["--smoke", "--config", "qwen2.5-7b-instruct", "--layer", "28"])
+
+
+def test_bench_cpu_smoke(tmp_path):
+    load("bench_cpu").main(["--smoke", "--out", str(tmp_path), "--tag", "smoke"])
+    with open(tmp_path / "bench_cpu_smoke.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(load("bench_cpu").PROVIDERS)
+    for row in table:
+        assert 0 < float(row["density"]) <= 1 and float(row["sparse_ms"]) > 0 and float(row["err_vs_dense"]) < 1
+    assert "sparse torch path vs dense SDPA" in (tmp_path / "bench_cpu_smoke.md").read_text()
