@@ -41,7 +41,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cli import device, integer, lengths, output_problem
+from .cli import add_rope_scaling, device, integer, lengths, output_problem
 from .config import AUTO, DEFAULT_MIN_SEQ_LEN, FORMAT, PATTERN_DEFAULTS, HeadSpec, ModelInfo, SparseConfig
 from .estimate import build_index
 from .index import BLOCK, SparseIndex, block_mask, cdiv, tile_density
@@ -467,12 +467,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=integer(1, os.cpu_count() or 1), help="torch CPU threads (default: torch's choice)"
     )
+    add_rope_scaling(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from .config import save_config
-    from .models import SMOLLM2, SMOLLM2_GGUF, load_model
+    from .models import SMOLLM2, SMOLLM2_GGUF, context_length, load_model
     from .patches import adapter_for
 
     p = parser()
@@ -493,10 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device, args.rope_scaling)
     except (OSError, ValueError) as e:
         p.error(f"argument --model: cannot load {args.model!r}: {e}")
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = context_length(model.config)
     if context and max(args.lengths) > context:
         p.error(f"argument --lengths: {max(args.lengths)} exceeds the model's context of {context} tokens")
     info = adapter_for(model, force=True).model_info(model)

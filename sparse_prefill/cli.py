@@ -99,3 +99,36 @@ def output_problem(path: Path, folder: bool) -> str | None:
     except OSError as e:
         return f"cannot write {path}: cannot create files in {above} ({e.strerror or e})"
     return None
+
+
+ROPE_TYPES = ("yarn", "linear", "dynamic")
+
+
+def rope_scaling(text: str) -> tuple[str, float]:
+    """argparse type of ``--rope-scaling TYPE:FACTOR``: ``"yarn:4"`` -> ``("yarn", 4.0)``.
+
+    TYPE is one of :data:`ROPE_TYPES` (transformers' rope types), FACTOR a finite number above 1: the scaled model's
+    context is its original one times FACTOR (:func:`sparse_prefill.models.scale_rope`).
+    """
+    kind, _, factor = text.partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = None
+    if kind.strip() not in ROPE_TYPES or value is None or not 1.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected TYPE:FACTOR with TYPE one of {', '.join(ROPE_TYPES)} and FACTOR a number above 1 "
+            f"(like yarn:4), got {text!r}"
+        )
+    return kind.strip(), value
+
+
+def add_rope_scaling(parser: argparse.ArgumentParser) -> None:
+    """The ``--rope-scaling`` option, as every command line that loads a model documents it."""
+    parser.add_argument(
+        "--rope-scaling",
+        type=rope_scaling,
+        metavar="TYPE:FACTOR",
+        help=f"stretch the model's RoPE before it is built: TYPE one of {', '.join(ROPE_TYPES)}, FACTOR > 1; its "
+        "context becomes the original one times FACTOR (e.g. yarn:4 runs SmolLM2 up to 32K)",
+    )

@@ -35,9 +35,9 @@ import transformers
 from tqdm.auto import tqdm
 
 from . import __version__
-from .cli import device, integer, output_problem, parse_lengths
+from .cli import add_rope_scaling, device, integer, output_problem, parse_lengths
 from .config import PATTERN_DEFAULTS, ConfigError, SparseConfig, check_unit, load_config
-from .models import DTYPES, SMOLLM2, cache_kwarg, load_model
+from .models import DTYPES, SMOLLM2, cache_kwarg, context_length, load_model
 from .patch import find_shipped_config, last_report, patch_model, unpatch_model
 from .patches import UnsupportedModelError, adapter_for
 from .tasks import TASKS, Haystack, Sample, make_samples, score
@@ -664,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompts with fewer keys run dense (default 0: the sparse path on every prompt)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_rope_scaling(p)
     return p
 
 
@@ -729,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model != SMOLLM2 and not Path(args.model).is_dir():
         fail("--model", f"{args.model!r} is neither {SMOLLM2!r} nor a local model folder")
     try:
-        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device, args.rope_scaling)
     except (OSError, ValueError) as e:
         fail("--model", e)
     try:
@@ -749,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         fail("--gamma" if args.gamma is not None else "--tau", e)
     finally:
         unpatch_model(model)
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = context_length(model.config)
     if context and max(args.lengths) > context:
         fail("--lengths", f"{max(args.lengths)} exceeds the model's context of {context} tokens")
     try:

@@ -224,3 +224,13 @@ def test_long_chunk_must_be_a_block_multiple(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load("bench_long").main(["--smoke", "--chunk", "100", "--out", str(tmp_path / "long")])
     assert "--chunk: must be a positive multiple of 64" in capsys.readouterr().err
+
+
+def test_bench_cpu_smoke(tmp_path):
+    load("bench_cpu").main(["--smoke", "--out", str(tmp_path), "--tag", "smoke"])
+    with open(tmp_path / "bench_cpu_smoke.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(load("bench_cpu").PROVIDERS)
+    for row in table:
+        assert 0 < float(row["density"]) <= 1 and float(row["sparse_ms"]) > 0 and float(row["err_vs_dense"]) < 1
+    assert "sparse torch path vs dense SDPA" in (tmp_path / "bench_cpu_smoke.md").read_text()
