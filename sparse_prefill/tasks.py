@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .metrics import string_match_all
 from .prompts import passkey_prompt
 
 # Word lists for the filler grammar, needle keys and the common-words task (320 distinct words).
@@ -671,5 +672,4 @@ def make_samples(
 def score(prediction: str, answers: list[str]) -> float:
     """RULER's string_match_all: the fraction of gold answers contained in the prediction (case-insensitive), so a
     single-answer task scores 0 or 1 and multi-answer tasks get partial credit."""
-    pred = prediction.lower()
-    return sum(a.lower() in pred for a in answers) / len(answers)
+    return string_match_all(prediction, answers)
