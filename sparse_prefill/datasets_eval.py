@@ -328,9 +328,9 @@ def read_examples(fmt: str, path: str, limit: int | None = None) -> list[Example
                 example = PARSERS[fmt](record, name)
                 score(example.rule.metric, example.answers[0], example.answers, example.classes)  # well-formed gold
             except KeyError as e:
-                raise ValueError(f"{name} record {i}: no field {e.args[0]!r}, which {fmt} needs") from None
+                raise ValueError(f"task {name!r} record {i}: no field {e.args[0]!r}, which {fmt} needs") from None
             except (TypeError, ValueError, IndexError) as e:
-                raise ValueError(f"{name} record {i}: {e}") from None
+                raise ValueError(f"task {name!r} record {i}: {e}") from None
             examples.append(example)
     if not examples:
         raise ValueError(f"{path}: no records")
@@ -341,20 +341,32 @@ def read_examples(fmt: str, path: str, limit: int | None = None) -> list[Example
 
 def _tables(path: str):
     """(task name from the file, records) per file: local files through ``datasets``' json / parquet builders, or
-    every split of a hub dataset."""
+    each split of a hub dataset (InfiniteBench's splits are its tasks). ``datasets``' progress bars and logs stay
+    quiet; a file it cannot read raises ValueError."""
     import datasets
 
     local = Path(path)
-    if not local.exists():
-        loaded = datasets.load_dataset(path)
-        yield from ((path.split("/")[-1], loaded[split]) for split in loaded)
-        return
     files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.suffix in BUILDERS)
-    if not files:
-        raise ValueError(f"{path}: no {', '.join(BUILDERS)} files")
-    for file in files:
-        name = file.parent.name if file.stem in SPLIT_NAMES else file.stem
-        yield name, datasets.load_dataset(BUILDERS[file.suffix], data_files=str(file), split="train")
+    if local.is_dir() and not files:
+        raise ValueError(f"no {', '.join(BUILDERS)} files")
+    bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        if not local.exists():
+            loaded = datasets.load_dataset(path)
+            yield from ((split, loaded[split]) for split in loaded)
+        for file in files:
+            try:
+                table = datasets.load_dataset(BUILDERS[file.suffix], data_files=str(file), split="train")
+            except datasets.exceptions.DatasetsError as e:
+                where = file.relative_to(local) if local.is_dir() else file.name
+                raise ValueError(f"{where}: cannot read it ({e.__cause__ or e})") from None
+            yield file.parent.name if file.stem in SPLIT_NAMES else file.stem, table
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _answers(value) -> list[str]:

@@ -239,6 +239,11 @@ def _bad(tmp_path, fmt, record, name="hotpotqa.jsonl"):
     return f"{fmt}:{tmp_path / 'bad' / name}"
 
 
+def _broken(path: Path) -> str:
+    path.write_text('{"prompt": "p", "answers": ["a"], "metric": "qa_f1"}\n{"prompt": \n')
+    return f"jsonl:{path}"
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -263,6 +268,8 @@ def _bad(tmp_path, fmt, record, name="hotpotqa.jsonl"):
             r"unknown InfiniteBench task 'math_calc'",
         ),
         (lambda t: _bad(t, "jsonl", {"prompt": "p", "answers": ["a"]}), r"no field 'metric'"),
+        (lambda t: _broken(t / "broken.jsonl"), r"broken.jsonl: cannot read it \(JSON parse error"),
+        (lambda t: f"ruler:{(t / 'empty').mkdir() or t / 'empty'}", r"ruler:.*empty: no .json, .jsonl, .parquet files"),
         (lambda t: _bad(t, "jsonl", {"prompt": "p", "answers": ["a"], "metric": "bleu"}), r"unknown metric 'bleu'"),
     ],
 )
