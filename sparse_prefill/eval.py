@@ -387,8 +387,12 @@ def summary_markdown(results: dict) -> str:
             f"- tasks: {', '.join(meta['tasks'])}; lengths: {', '.join(cols)} (prompt + answer tokens); "
             f"needle depths: {meta['depths']}; samples: {meta['samples']} per needle cell / per task and length; "
             f"seed {meta['seed']}; haystack: {meta['haystack']}"
+        )
+        if not meta["datasets"]
+        else (
+            f"- datasets: {', '.join(meta['datasets'])}; tasks: {', '.join(meta['tasks'])}; "
+            f"{meta['limit'] or 'all'} examples per task; prompts cut to {cols[0]} tokens with the answer"
         ),
-        *([f"- datasets: {', '.join(meta['datasets'])}; at most {meta['limit']} per task"] if meta["datasets"] else []),
         (
             f"- {meta['device']} {meta['dtype']}, {meta['threads']} torch threads, batch size {meta['batch_size']}; "
             f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}"

@@ -9,6 +9,7 @@ import pytest
 
 from test_eval import no_model_load, tiny_llama, tokenizer  # noqa: F401 (fixtures)
 
+from sparse_prefill import ModelInfo, SparseConfig, save_config
 from sparse_prefill.datasets_eval import benchmark_samples, read_examples
 from sparse_prefill.eval import main
 
@@ -283,8 +284,12 @@ def test_limit_without_dataset_exits_2(tmp_path, no_model_load, capsys):  # noqa
 
 
 def test_every_format_runs_dense_and_patched(fixtures, tiny_llama, tmp_path):  # noqa: F811
+    # Budgets as fractions of the keys, so the short prompts really run sparse.
+    config = tmp_path / "tiny.json"
+    info = ModelInfo(tiny_llama.name, "llama", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    save_config(SparseConfig.uniform(info, "vertical_slash", vertical=0.1, slash=0.1), config)
     out = tmp_path / "out"
-    argv = ["--model", str(tiny_llama), "--config", "uniform-vs", "--limit", "1", "--max-length", "1k"]
+    argv = ["--model", str(tiny_llama), "--config", str(config), "--limit", "1", "--max-length", "1k"]
     for fmt, path in fixtures.items():
         argv += ["--dataset", f"{fmt}:{path}"]
     assert main(argv + ["--out", str(out), "--no-progress"]) == 0
@@ -295,7 +300,9 @@ def test_every_format_runs_dense_and_patched(fixtures, tiny_llama, tmp_path):  #
     for t in per_task.values():
         assert 0 <= t["dense"] <= 1 and 0 <= t["patched"] <= 1 and 0 <= t["agree"] <= 1
         assert 0 <= t["top1_first"] <= 1 and t["kl_first"] >= -1e-6 and t["density"] <= 1 and t["samples"] == 1
+    assert min(t["density"] for t in per_task.values()) < 1
     assert results["meta"]["lengths"] == [1024] and len(results["meta"]["datasets"]) == 5
     assert all(r["tokens"] <= 1024 for r in results["samples"])
     summary = (out / "summary.md").read_text()
     assert "## Per task" in summary and "| hotpotqa | qa_f1 | 1 |" in summary
+    assert "- datasets: longbench:" in summary and "1 examples per task; prompts cut to 1k tokens" in summary
