@@ -354,7 +354,10 @@ def _tables(path: str):
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         if not local.exists():
-            loaded = datasets.load_dataset(path)
+            try:
+                loaded = datasets.load_dataset(path)
+            except OSError as e:  # offline, or no such dataset
+                raise ValueError(f"no such local file or folder, nor a hub dataset ({e})") from None
             yield from ((split, loaded[split]) for split in loaded)
         for file in files:
             try:
@@ -390,7 +393,11 @@ def _longbench(record: dict, name: str) -> Example:
     if rule is None:
         raise ValueError(f"unknown LongBench task {task!r}; known: {', '.join(LONGBENCH)}")
     body = rule.template.format(context=_text(record, "context"), input=_text(record, "input"))
-    classes = [str(c) for c in record["all_classes"]] if rule.metric == "classification" else None
+    classes = None
+    if rule.metric == "classification":
+        if not isinstance(record["all_classes"], list) or not record["all_classes"]:
+            raise ValueError(f"all_classes must list {task}'s class names, got {record['all_classes']!r}")
+        classes = [str(c) for c in record["all_classes"]]
     return Example(task, body, _answers(record["answers"]), rule, classes=classes)
 
 
@@ -469,9 +476,18 @@ def benchmark_samples(tokenizer, examples: list[Example], max_length: int) -> li
     out = []
     for ex in examples:
         limit = max_length - ex.rule.max_new_tokens
-        prompt = _fit(tokenizer, ex.body, _wrapper(tokenizer, ex), limit, ex.task)
-        fields = (ex.task, max_length, prompt, ex.answers, ex.rule.metric, ex.rule.max_new_tokens, ex.rule.first_line)
-        out.append(BenchmarkSample(*fields, ex.classes))
+        out.append(
+            BenchmarkSample(
+                task=ex.task,
+                length=max_length,
+                prompt=_fit(tokenizer, ex.body, _wrapper(tokenizer, ex), limit, ex.task),
+                answers=ex.answers,
+                metric=ex.rule.metric,
+                max_new_tokens=ex.rule.max_new_tokens,
+                first_line=ex.rule.first_line,
+                classes=ex.classes,
+            )
+        )
     return out
 
 

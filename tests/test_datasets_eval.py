@@ -22,6 +22,15 @@ PARAGRAPHS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """datasets' cache in the test's folder, and the hub offline: the tests read their own files only."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
 def _context(n: int, start: int = 0) -> str:
     return "\n\n".join(PARAGRAPHS[(start + i) % len(PARAGRAPHS)] for i in range(n))
 
@@ -259,6 +268,12 @@ def _broken(path: Path) -> str:
         (
             lambda t: _bad(t, "longbench", {"input": "q", "context": "c", "answers": ["a"]}, "summaries.jsonl"),
             r"unknown LongBench task 'summaries'",
+        ),
+        (
+            lambda t: _bad(
+                t, "longbench", {"input": "q", "context": "c", "answers": ["a"], "all_classes": None}, "trec.jsonl"
+            ),
+            r"task 'trec' record 0: all_classes must list trec's class names",
         ),
         (lambda t: _bad(t, "longbench-v2", {"question": "q", "context": "c"}), r"no field 'choice_A'"),
         (lambda t: _bad(t, "ruler", {"input": "x"}, "niah_single_1.jsonl"), r"no field 'outputs'"),
