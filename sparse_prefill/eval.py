@@ -7,11 +7,16 @@ For every prompt of :mod:`sparse_prefill.tasks` the model runs twice, dense and 
   the relative L2 error of each layer's attention output on the prompt;
 * latency and density: prefill (time to first token) of each, and the tile density each layer achieved.
 
+``--dataset FORMAT:PATH`` runs a public benchmark's examples instead (LongBench, LongBench v2, RULER, InfiniteBench
+or generic JSONL: :mod:`sparse_prefill.datasets_eval`), each scored by its task's metric (:mod:`sparse_prefill.metrics`)
+and reported per task.
+
 Outputs (``--out``): results.json, summary.md, needle_grid.png, patterns.png; written to a temporary folder beside
 ``--out`` that replaces it at the end, so a folder never mixes two runs. Bad arguments (and an ``--out`` that holds
 anything but an earlier run's outputs) exit with code 2 before the model loads or anything is written.
 
     sparse-prefill-eval --lengths 1k,2k,4k --depths 0,0.5,1 --samples 1 --out eval-results
+    sparse-prefill-eval --dataset longbench:LongBench/data --limit 20 --max-length 8k --out longbench-results
 """
 
 from __future__ import annotations
@@ -35,12 +40,13 @@ import transformers
 from tqdm.auto import tqdm
 
 from . import __version__
-from .cli import add_rope_scaling, device, integer, output_problem, parse_lengths
+from .cli import add_rope_scaling, device, integer, length, output_problem, parse_lengths
 from .config import PATTERN_DEFAULTS, ConfigError, SparseConfig, check_unit, load_config
+from .datasets_eval import benchmark_samples, dataset_arg, read_examples
 from .models import DTYPES, SMOLLM2, cache_kwarg, context_length, load_model
 from .patch import find_shipped_config, last_report, patch_model, unpatch_model
 from .patches import UnsupportedModelError, adapter_for
-from .tasks import TASKS, Haystack, Sample, make_samples, score
+from .tasks import TASKS, Haystack, Sample, make_samples
 
 ALIASES = {"vs": "vertical_slash", "a": "a_shape", "block": "block_sparse"}
 MIN_LENGTH = 512  # room for the instructions and the answer of every task
@@ -140,10 +146,13 @@ def evaluate(
     Args:
         model, tokenizer: a loaded causal LM (unpatched; left unpatched) and its tokenizer.
         config: the sparse config to patch with. min_seq_len: passed to :func:`patch_model`.
-        samples: prompts from :func:`sparse_prefill.tasks.make_samples`; batches hold one task and length.
+        samples: prompts from :func:`sparse_prefill.tasks.make_samples` or
+            :func:`sparse_prefill.datasets_eval.benchmark_samples` (a task's samples together); batches hold one task,
+            length and generation length. A progress bar per task.
     Returns:
-        Records with the sample fields, per mode ``prediction``, ``score``, ``prefill_s`` (of the sample's batch),
-        and ``top1``, ``kl``, ``attn_rel_err`` [layer], ``density`` [layer][head], ``sparse_layers``.
+        Records with the sample fields, ``metric``, per mode ``prediction``, ``score``, ``prefill_s`` (of the sample's
+        batch), ``agree`` (the two predictions are equal), ``top1``, ``kl``, ``top1_first``, ``kl_first`` (of the
+        first generated token), ``attn_rel_err`` [layer], ``density`` [layer][head], ``sparse_layers``.
     """
     modules = adapter_for(model).attention_modules(model)
     eos = _eos_ids(model, tokenizer)
@@ -151,23 +160,26 @@ def evaluate(
     batches = []
     for s in samples:
         last = batches[-1] if batches else None
-        if last and len(last) < batch_size and (last[0].task, last[0].length) == (s.task, s.length):
+        if last and len(last) < batch_size and _batch_key(last[0]) == _batch_key(s):
             last.append(s)
         else:
             batches.append([s])
     records = []
     with torch.inference_mode():
         _warm_up(model, config, min_seq_len, tokenizer, batches[0], modules)
-        bar = tqdm(batches, desc="eval", unit="batch", disable=not progress)
-        for batch in bar:
-            bar.set_postfix(task=batch[0].task, length=batch[0].length)
-            records += _run_batch(model, tokenizer, config, min_seq_len, modules, eos, batch)
+        for task in dict.fromkeys(b[0].task for b in batches):
+            for batch in tqdm([b for b in batches if b[0].task == task], desc=task, unit="batch", disable=not progress):
+                records += _run_batch(model, tokenizer, config, min_seq_len, modules, eos, batch)
     return records
+
+
+def _batch_key(sample) -> tuple:
+    return sample.task, sample.length, sample.max_new_tokens
 
 
 def _run_batch(model, tokenizer, config, min_seq_len, modules, eos, batch: list[Sample]) -> list[dict]:
     ids, mask = _encode(tokenizer, [s.prompt for s in batch], model.device)
-    steps = TASKS[batch[0].task].max_new_tokens
+    steps = batch[0].max_new_tokens
     dense = prefill(model, modules, ids, mask)
     d_tokens, d_logits = decode(model, dense.cache, mask, dense.logits, steps, eos)
     dense.cache = None  # free it before the patched run allocates its own
@@ -200,16 +212,20 @@ def _run_batch(model, tokenizer, config, min_seq_len, modules, eos, batch: list[
                 "depth": sample.depth,
                 "tokens": int(valid.sum()),
                 "answers": sample.answers,
+                "metric": sample.metric,
                 **{
                     mode: {
                         "prediction": text,
-                        "score": score(text, sample.answers),
+                        "score": sample.score(text),
                         "prefill_s": round((dense if mode == "dense" else sparse).seconds, 4),
                     }
                     for mode, text in predictions.items()
                 },
                 "top1": float((f_log.argmax(-1) == d_tokens[b, :n]).float().mean()),
                 "kl": float((d_log.exp() * (d_log - f_log)).sum(-1).mean()),
+                "agree": predictions["dense"] == predictions["patched"],
+                "top1_first": float(f_log[0].argmax() == d_tokens[b, 0]),
+                "kl_first": float((d_log[0].exp() * (d_log[0] - f_log[0])).sum()),
                 "attn_rel_err": [round(e, 6) for e in err],
                 "density": [[round(x, 4) for x in (dens[b] if dens else [1.0] * heads)] for _, dens, _ in report],
                 "sparse_layers": sum(path == "sparse" for path, _, _ in report),
@@ -267,12 +283,30 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------------- summary
 
 
-def summarize(records: list[dict], lengths: list[int], depths: list[float]) -> dict:
-    """Aggregates: accuracy per task and length, the needle grid, and per length fidelity, latency and density."""
+def _mean(xs):
+    xs = list(xs)
+    return round(statistics.fmean(xs), 6) if xs else None
 
-    def mean(xs):
-        xs = list(xs)
-        return round(statistics.fmean(xs), 6) if xs else None
+
+def _fidelity(rs: list[dict]) -> dict:
+    """Fidelity, median prefill latency and density over some records."""
+    dense_s = statistics.median(r["dense"]["prefill_s"] for r in rs)
+    patched_s = statistics.median(r["patched"]["prefill_s"] for r in rs)
+    return {
+        "samples": len(rs),
+        "top1": _mean(r["top1"] for r in rs),
+        "kl": _mean(r["kl"] for r in rs),
+        "attn_rel_err": _mean(e for r in rs for e in r["attn_rel_err"]),
+        "prefill_dense_s": round(dense_s, 4),
+        "prefill_patched_s": round(patched_s, 4),
+        "speedup": round(dense_s / patched_s, 3),
+        "density": _mean(x for r in rs for layer in r["density"] for x in layer),
+    }
+
+
+def summarize(records: list[dict], lengths: list[int], depths: list[float]) -> dict:
+    """Aggregates: accuracy per task and length, the needle grid, per length fidelity, latency and density, and per
+    task its metric, scores, answer agreement, first-token fidelity, latency and density."""
 
     def at(**kw):
         return [r for r in records if all(r[k] == v for k, v in kw.items())]
@@ -281,8 +315,8 @@ def summarize(records: list[dict], lengths: list[int], depths: list[float]) -> d
     accuracy = {
         task: {
             str(n): {
-                "dense": mean(r["dense"]["score"] for r in at(task=task, length=n)),
-                "patched": mean(r["patched"]["score"] for r in at(task=task, length=n)),
+                "dense": _mean(r["dense"]["score"] for r in at(task=task, length=n)),
+                "patched": _mean(r["patched"]["score"] for r in at(task=task, length=n)),
                 "n": len(at(task=task, length=n)),
             }
             for n in lengths
@@ -294,35 +328,40 @@ def summarize(records: list[dict], lengths: list[int], depths: list[float]) -> d
         grid = {"depths": depths, "lengths": lengths}
         for mode in ("dense", "patched"):
             grid[mode] = [
-                [mean(r[mode]["score"] for r in at(task="niah", length=n, depth=d)) for n in lengths] for d in depths
+                [_mean(r[mode]["score"] for r in at(task="niah", length=n, depth=d)) for n in lengths] for d in depths
             ]
     per_length = {}
     for n in lengths:
         rs = at(length=n)
         layers = range(len(rs[0]["density"]))
-        dense_s = statistics.median(r["dense"]["prefill_s"] for r in rs)
-        patched_s = statistics.median(r["patched"]["prefill_s"] for r in rs)
         per_length[str(n)] = {
-            "samples": len(rs),
-            "top1": mean(r["top1"] for r in rs),
-            "kl": mean(r["kl"] for r in rs),
-            "attn_rel_err": mean(e for r in rs for e in r["attn_rel_err"]),
-            "prefill_dense_s": round(dense_s, 4),
-            "prefill_patched_s": round(patched_s, 4),
-            "speedup": round(dense_s / patched_s, 3),
-            "density": mean(x for r in rs for layer in r["density"] for x in layer),
-            "layer_density": [mean(x for r in rs for x in r["density"][i]) for i in layers],
+            **_fidelity(rs),
+            "layer_density": [_mean(x for r in rs for x in r["density"][i]) for i in layers],
             "patterns_run": dict(Counter(p for r in rs for layer in r["patterns"] for p in layer).most_common()),
-            "layer_attn_rel_err": [mean(r["attn_rel_err"][i] for r in rs) for i in layers],
+            "layer_attn_rel_err": [_mean(r["attn_rel_err"][i] for r in rs) for i in layers],
         }
+    per_task = {
+        task: {
+            "metric": rs[0]["metric"],
+            "dense": _mean(r["dense"]["score"] for r in rs),
+            "patched": _mean(r["patched"]["score"] for r in rs),
+            "agree": _mean(float(r["agree"]) for r in rs),
+            "top1_first": _mean(r["top1_first"] for r in rs),
+            "kl_first": _mean(r["kl_first"] for r in rs),
+            **_fidelity(rs),
+        }
+        for task in tasks
+        for rs in [at(task=task)]
+    }
     longest = [r["density"] for r in at(length=max(lengths))]  # [sample][layer][head]
-    head_density = [[mean(head) for head in zip(*layer)] for layer in zip(*longest)]
+    head_density = [[_mean(head) for head in zip(*layer)] for layer in zip(*longest)]
     runs = [r["patterns"] for r in at(length=max(lengths))]  # [sample][layer][head]
     head_pattern = [[Counter(head).most_common(1)[0][0] for head in zip(*layer)] for layer in zip(*runs)]
     return {
         "accuracy": accuracy,
         "needle_grid": grid,
         "per_length": per_length,
+        "per_task": per_task,
         "head_density": head_density,
         "head_pattern": head_pattern,
         "head_density_length": max(lengths),
@@ -348,6 +387,11 @@ def summary_markdown(results: dict) -> str:
             f"- tasks: {', '.join(meta['tasks'])}; lengths: {', '.join(cols)} (prompt + answer tokens); "
             f"needle depths: {meta['depths']}; samples: {meta['samples']} per needle cell / per task and length; "
             f"seed {meta['seed']}; haystack: {meta['haystack']}"
+        )
+        if not meta["datasets"]
+        else (
+            f"- datasets: {', '.join(meta['datasets'])}; tasks: {', '.join(meta['tasks'])}; "
+            f"{meta['limit'] or 'all'} examples per task; prompts cut to {cols[0]} tokens with the answer"
         ),
         (
             f"- {meta['device']} {meta['dtype']}, {meta['threads']} torch threads, batch size {meta['batch_size']}; "
@@ -358,6 +402,33 @@ def summary_markdown(results: dict) -> str:
         "",
         *_table(
             ["task", *cols], [[task, *(_pair(row[str(n)]) for n in lengths)] for task, row in s["accuracy"].items()]
+        ),
+        "",
+        "## Per task",
+        "",
+        (
+            "Score (dense / patched): the mean of the task's metric, 0 to 1; agree: the fraction of samples whose "
+            "dense and patched answers are the same text; first token: top-1 agreement and KL(dense ‖ patched) of the "
+            "first generated token; prefill: median seconds; density: computed tiles over causal tiles."
+        ),
+        "",
+        *_table(
+            ["task", "metric", "samples", "score", "agree", "first token top-1", "first token KL", "prefill s"]
+            + ["density"],
+            [
+                [
+                    task,
+                    t["metric"],
+                    t["samples"],
+                    _pair(t),
+                    _f(t["agree"]),
+                    _f(t["top1_first"]),
+                    _f(t["kl_first"], 4),
+                    f"{_f(t['prefill_dense_s'], 2)} / {_f(t['prefill_patched_s'], 2)} ({t['speedup']:.2f}×)",
+                    _f(t["density"]),
+                ]
+                for task, t in s["per_task"].items()
+            ],
         ),
     ]
     if s["needle_grid"]:
@@ -588,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sparse-prefill-eval",
         description="Accuracy, fidelity and prefill latency of sparse prefill against dense, on long-context "
-        "retrieval tasks built in code (RULER-style).",
+        "retrieval tasks built in code (RULER-style), or on public benchmark files (--dataset).",
     )
     p.add_argument(
         "--model",
@@ -663,6 +734,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="prompts with fewer keys run dense (default 0: the sparse path on every prompt)",
     )
+    p.add_argument(
+        "--dataset",
+        type=dataset_arg,
+        action="append",
+        default=[],
+        metavar="FORMAT:PATH",
+        help="run a public benchmark's examples instead of --tasks (repeatable): FORMAT is longbench, longbench-v2, "
+        "ruler, infinitebench or jsonl; PATH a json, jsonl or parquet file, a folder of them, or a hub dataset id",
+    )
+    p.add_argument("--limit", type=integer(1), default=None, help="with --dataset: the first N examples of each task")
+    p.add_argument(
+        "--max-length",
+        type=length(1),
+        default=None,
+        help="with --dataset: prompt + answer tokens; longer prompts are cut in the middle (default: the model's "
+        "context)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_rope_scaling(p)
     return p
@@ -727,6 +815,17 @@ def main(argv: list[str] | None = None) -> int:
         fail("--config", e)
     if problem := out_problem(args.out):
         fail("--out", problem)
+    if not args.dataset and (args.limit or args.max_length):
+        fail("--limit" if args.limit else "--max-length", "applies to --dataset runs")
+    examples = []
+    for fmt, path in args.dataset:
+        try:
+            read = read_examples(fmt, path, args.limit)
+        except (OSError, ValueError) as e:
+            fail("--dataset", f"{fmt}:{path}: {e}")
+        if twice := {e.task for e in examples} & {e.task for e in read}:
+            fail("--dataset", f"{fmt}:{path}: task(s) {', '.join(sorted(twice))} already read from another dataset")
+        examples += read
     if args.model != SMOLLM2 and not Path(args.model).is_dir():
         fail("--model", f"{args.model!r} is neither {SMOLLM2!r} nor a local model folder")
     try:
@@ -751,12 +850,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         unpatch_model(model)
     context = context_length(model.config)
-    if context and max(args.lengths) > context:
-        fail("--lengths", f"{max(args.lengths)} exceeds the model's context of {context} tokens")
-    try:
-        samples = make_samples(tokenizer, args.tasks, args.lengths, args.depths, args.samples, args.seed, haystack)
-    except ValueError as e:
-        fail("--lengths", e)
+    if args.dataset:
+        if not (args.max_length or context):
+            fail("--max-length", "the model states no context length (max_position_embeddings): give one")
+        if context and (args.max_length or 0) > context:
+            fail("--max-length", f"{args.max_length} exceeds the model's context of {context} tokens")
+        try:
+            samples = benchmark_samples(tokenizer, examples, args.max_length or context)
+        except ValueError as e:
+            fail("--max-length", e)
+        # The run's tasks and its one length, as the outputs report them.
+        args.tasks, args.lengths, args.depths = list(dict.fromkeys(s.task for s in samples)), [samples[0].length], []
+    else:
+        if context and max(args.lengths) > context:
+            fail("--lengths", f"{max(args.lengths)} exceeds the model's context of {context} tokens")
+        try:
+            samples = make_samples(tokenizer, args.tasks, args.lengths, args.depths, args.samples, args.seed, haystack)
+        except ValueError as e:
+            fail("--lengths", e)
 
     records = evaluate(
         model,
@@ -782,6 +893,8 @@ def main(argv: list[str] | None = None) -> int:
                 "json": config.to_dict(),
             },
             "min_seq_len": args.min_seq_len,
+            "datasets": [f"{fmt}:{path}" for fmt, path in args.dataset],
+            "limit": args.limit,
             "tasks": args.tasks,
             "lengths": args.lengths,
             "depths": args.depths,

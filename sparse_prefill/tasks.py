@@ -22,7 +22,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from .metrics import string_match_all
 from .prompts import passkey_prompt
 
 # Word lists for the filler grammar, needle keys and the common-words task (320 distinct words).
@@ -419,13 +421,22 @@ NEEDLE_INSTRUCTION = (
 @dataclass
 class Sample:
     """One prompt. ``prompt`` has the chat template applied and ends with the answer prefix; ``depth`` is where the
-    queried needle sits in the context (0 = start, 1 = end; None for ``cwe``)."""
+    queried needle sits in the context (0 = start, 1 = end; None for ``cwe``). ``max_new_tokens`` and ``score``
+    (by :data:`metric`) are the task's."""
 
     task: str
     length: int
     depth: float | None
     prompt: str
     answers: list[str]
+    metric: ClassVar[str] = "string_match_all"
+
+    @property
+    def max_new_tokens(self) -> int:
+        return TASKS[self.task].max_new_tokens
+
+    def score(self, prediction: str) -> float:
+        return score(prediction, self.answers)
 
 
 @dataclass(frozen=True)
@@ -671,5 +682,4 @@ def make_samples(
 def score(prediction: str, answers: list[str]) -> float:
     """RULER's string_match_all: the fraction of gold answers contained in the prediction (case-insensitive), so a
     single-answer task scores 0 or 1 and multi-answer tasks get partial credit."""
-    pred = prediction.lower()
-    return sum(a.lower() in pred for a in answers) / len(answers)
+    return string_match_all(prediction, answers)
