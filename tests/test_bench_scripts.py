@@ -234,3 +234,15 @@ def test_bench_cpu_smoke(tmp_path):
     for row in table:
         assert 0 < float(row["density"]) <= 1 and float(row["sparse_ms"]) > 0 and float(row["err_vs_dense"]) < 1
     assert "sparse torch path vs dense SDPA" in (tmp_path / "bench_cpu_smoke.md").read_text()
+
+
+def test_fidelity_needed_density_is_the_cheapest_setting_that_keeps_both_thresholds():
+    fidelity = load("bench_fidelity")
+    rows = [
+        dict(length=8192, setting="a", density=0.3, top1=0.995, kl=0.02),  # KL too high
+        dict(length=8192, setting="b", density=0.5, top1=0.991, kl=0.005),
+        dict(length=8192, setting="c", density=0.7, top1=0.999, kl=0.001),
+        dict(length=16384, setting="d", density=0.2, top1=0.98, kl=0.001),  # top-1 too low
+    ]
+    need = fidelity.needed(rows)
+    assert need[8192]["setting"] == "b" and need[16384] is None
