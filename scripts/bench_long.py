@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_e2e import MODELS as E2E_MODELS  # noqa: E402
 from bench_e2e import (  # noqa: E402
     Clock,
     _fmt,
@@ -80,22 +81,8 @@ MODELS = {
         ),
         "qwen2.5-7b-instruct-1m.json",
     ),
-    "llama3-8b": (
-        "llama",
-        dict(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            rope_theta=500000.0,
-            max_position_embeddings=M + 1024,
-            tie_word_embeddings=False,
-        ),
-        None,
-    ),
+    # bench_e2e's Llama-3-8B shape, its positions stretched to 1M.
+    "llama3-8b": ("llama", {**E2E_MODELS["llama3-8b"][1], "max_position_embeddings": M + 1024}, None),
 }
 DENSE, SKIP = "sp_long_dense", "sp_long_skip"
 COLUMNS = ["model", "S", "config", "ttft_ms", "speedup", "extrapolated", "peak_gb", "host_rss_gb", "path", "density"]
