@@ -114,7 +114,6 @@ class PatchState:
     records: dict[int, LayerRecord] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
     tp_group: object = None  # the tensor-parallel process group this rank shares the heads in; None: unsharded
-    first_layer: int = 0  # a call of this layer starts a forward
     _layouts: dict = field(default_factory=dict)  # this forward's masks (by identity) -> their layout
     _resolved: dict = field(default_factory=dict)
 
@@ -308,7 +307,7 @@ def sparse_prefill_attention(
             "after patch_model: patch it again"
         )
     patch = state.patch
-    if state.layer == patch.first_layer:
+    if state.layer == 0:  # a forward starts (patch_model numbers the layers from 0)
         patch.forward_starts()
     record = LayerRecord(state.layer, "dense", state.heads, q_len=q_len, kv_len=kv_len)
     patch.records[state.layer] = record
@@ -326,6 +325,14 @@ def sparse_prefill_attention(
     if state.all_dense:
         record.reason = "all heads dense"
         return dense()
+
+    def too_short(n: int) -> bool:
+        if n < min_seq_len:
+            record.reason = f"kv_len {n} < min_seq_len {min_seq_len} ({source})"
+        return n < min_seq_len
+
+    if too_short(kv_len):  # the keys attended are at most the cache's: no need to read the mask of a short prompt
+        return dense()
     layout = _unsupported(module, kwargs, dropout, kv_len) or patch.layout(
         attention_mask, query.shape[0], q_len, kv_len
     )
@@ -337,8 +344,7 @@ def sparse_prefill_attention(
     record.kv_len = kv_len = layout.kv_len
     k, v = key[:, :, :kv_len], value[:, :, :kv_len]
     mask = attention_mask if attention_mask is None or kv_len == key.shape[2] else attention_mask[..., :kv_len]
-    if kv_len < min_seq_len:
-        record.reason = f"kv_len {kv_len} < min_seq_len {min_seq_len} ({source})"
+    if too_short(kv_len):
         return dense()
     run, why_not = _backend(patch, query, k, v)
     if run is None:

@@ -164,8 +164,8 @@ class LayerPlan:
         diag[:, self.groups.get("dense", [])] = True
         cols = []  # (heads, [B, len(heads), n]) pieces, -1 = none
         if a_heads := self.groups.get("a_shape"):
-            sink = per_sample_budgets([self.heads[h] for h in a_heads], "sink", [Sk - s for s in kv_start])
-            local = per_sample_budgets([self.heads[h] for h in a_heads], "local", [Sk - s for s in kv_start])
+            specs, lengths = [self.heads[h] for h in a_heads], [Sk - s for s in kv_start]
+            sink, local = (per_sample_budgets(specs, name, lengths) for name in ("sink", "local"))
             cols.append((a_heads, _prefix(sink, dev)))
             diag |= slash_diagonals(_scatter_heads(B, H, [(a_heads, _prefix(local, dev))], dev), Sq, Sk, starts)
         part = {"starts": starts, "diag": diag, "cols": cols, "kv_start": list(kv_start), "scale": scale}
