@@ -14,7 +14,7 @@ and picks one path per call:
   the Triton kernel on CUDA, the blockwise torch path elsewhere. Heads that run dense on the input (configured dense,
   or adaptive heads that chose dense for every sample) go to the dense backend instead, which is faster per tile
   than the kernel: the whole call when every head is dense, else those heads next to the kernel (on CUDA; the torch
-  path computes them as cheaply as SDPA would).
+  path computes them with the sparse heads, in its gathered batches).
 """
 
 from __future__ import annotations
