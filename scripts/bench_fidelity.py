@@ -1,6 +1,6 @@
 """Fidelity against dense where the sparse path runs: real SmolLM2 weights at 4K-32K tokens, RoPE-scaled past 8K.
 
-A benchmark (CUDA, bf16; ``--device cpu`` runs fp32, for short lengths), in two parts:
+A benchmark (CUDA, bf16 or fp32; ``--device cpu`` runs fp32, for short lengths), in two parts:
 
 1. Dense alone, per RoPE scaling (none up to the native 8K; yarn, linear and dynamic at the factor the length needs):
    perplexity on held-out natural text and passkey answers. The scaling that keeps dense best (passkeys first, then
@@ -36,7 +36,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_prefill.calibrate import calibrate, capturing, natural_text, recall, row_groups  # noqa: E402
-from sparse_prefill.cli import parse_lengths, rope_scaling  # noqa: E402
+from sparse_prefill.cli import parse_lengths  # noqa: E402
 from sparse_prefill.config import SparseConfig  # noqa: E402
 from sparse_prefill.estimate import build_index  # noqa: E402
 from sparse_prefill.index import tile_density  # noqa: E402
@@ -124,8 +124,11 @@ def density_and_recall(model, ids: torch.Tensor, layers: list, seed: int) -> tup
     return sum(density) / len(density), sum(kept) / len(kept)
 
 
-def compare(model, tokenizer, texts, dense_logp, dense_keys, setting: dict, length: int, seed: int) -> dict:
-    config = patch_model(model, min_seq_len=0, **setting)
+def compare(
+    model, tokenizer, texts, dense_logp, dense_keys, setting: dict, length: int, seed: int, backend: str, keys: bool
+) -> dict:
+    """One setting against dense on ``backend``; its passkey answers if ``keys``."""
+    config = patch_model(model, min_seq_len=0, backend=backend, **setting)
     try:
         agree, kl = [], []
         for ids, want in zip(texts, dense_logp):
@@ -134,7 +137,7 @@ def compare(model, tokenizer, texts, dense_logp, dense_keys, setting: dict, leng
             kl.append(float((want.exp() * (want - got)).sum(-1).mean()))
         fell_back = [r.reason for r in last_report(model) if r.path == "dense" and "dense" not in r.reason]
         assert not fell_back, f"layers ran dense for: {fell_back}"  # all-dense layers of a config are expected
-        keys = passkeys(model, tokenizer, length, seed)
+        keys = passkeys(model, tokenizer, length, seed) if keys else None
     finally:
         unpatch_model(model)
     density, kept = density_and_recall(model, texts[0], config.layers, seed)  # the same indices as the patched run
@@ -143,16 +146,17 @@ def compare(model, tokenizer, texts, dense_logp, dense_keys, setting: dict, leng
         recall=kept,
         top1=sum(agree) / len(agree),
         kl=sum(kl) / len(kl),
-        passkeys=f"{sum(keys)}/{len(keys)}",
+        passkeys="" if keys is None else f"{sum(keys)}/{len(keys)}",
         dense_passkeys=f"{sum(dense_keys)}/{len(dense_keys)}",
     )
 
 
-def rope_choices(length: int) -> list[tuple[str, float] | None]:
+def rope_choices(length: int, kinds: list[str]) -> list[tuple[str, float] | None]:
+    """None within the native context, else each kind at the power-of-two factor that reaches ``length``."""
     if length <= NATIVE:
         return [None]
     factor = float(2 ** math.ceil(math.log2(length / NATIVE)))
-    return [(kind, factor) for kind in ("yarn", "linear", "dynamic")]
+    return [(kind, factor) for kind in kinds]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=SMOLLM2, help="'smollm2' (the embedded default) or a local model folder")
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4k,8k,16k,32k"))
     p.add_argument("--texts", type=int, default=2, help="held-out text windows per length")
-    p.add_argument("--rope-scaling", type=rope_scaling, default=None, help="use this scaling past 8K")
+    p.add_argument(
+        "--rope",
+        type=lambda v: v.split(","),
+        default=["yarn", "linear", "dynamic"],
+        help="RoPE scalings tried past 8K (the factor follows the length); dense keeps the best for part 2",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        help="default bf16 on CUDA, fp32 on the CPU; fp32 on CUDA runs the sparse path's torch backend (the Triton "
+        "kernel takes fp16/bf16), so that no kernel rounding hides or adds differences",
+    )
     p.add_argument(
         "--ladder",
         type=lambda v: [float(f) for f in v.split(",")],
@@ -172,11 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity"))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if bad := set(args.rope) - {"yarn", "linear", "dynamic"}:
+        p.error(f"--rope: each must be yarn, linear or dynamic, got {sorted(bad)}")
     device = args.device
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    args.dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    backend = "torch" if device == "cuda" and dtype == torch.float32 else "auto"
     rows, dense_rows = [], []
     for length in args.lengths:
-        scalings = [args.rope_scaling] if args.rope_scaling and length > NATIVE else rope_choices(length)
+        scalings = rope_choices(length, args.rope)
         dense = {}
         for rope in scalings:
             model, tokenizer = load_model(args.model, dtype, device, rope)
@@ -190,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         texts = windows(tokenizer, length, args.texts, args.seed)
         dense_logp = [last_logits(model, ids) for ids in texts]
         for name, setting in settings(model, tokenizer, length, args.seed, args.ladder).items():
-            row = compare(model, tokenizer, texts, dense_logp, dense[rope][2], setting, length, args.seed)
+            keys = not name.startswith("ladder")  # ladder rows only locate the density frontier
+            row = compare(
+                model, tokenizer, texts, dense_logp, dense[rope][2], setting, length, args.seed, backend, keys
+            )
             rows.append(dict(length=length, rope=_rope(rope), setting=name, **row))
             print(rows[-1], flush=True)
         del model
@@ -221,9 +243,10 @@ def write(rows: list[dict], dense_rows: list[dict], args, device: str) -> None:
     lines = [
         "# Fidelity against dense: SmolLM2-135M-Instruct on held-out natural text and passkeys",
         "",
-        f"`python scripts/bench_fidelity.py {' '.join(sys.argv[1:])}`; {name}; {versions}; bf16 on CUDA.",
+        f"`python scripts/bench_fidelity.py {' '.join(sys.argv[1:])}`; {name}; {versions}; {args.dtype}.",
         f"top-1 and KL(dense || patched) over the last {SCORED} positions of {args.texts} held-out text windows; "
-        f"passkeys at depths {', '.join(map(str, DEPTHS))}; density: computed 64x64 tiles over causal tiles; recall: "
+        f"passkeys at depths {', '.join(map(str, DEPTHS))} (not for ladder rows); density: computed 64x64 tiles "
+        "over causal tiles; recall: "
         "share of the true softmax mass inside the masks (means over layers and heads).",
         "",
         "## Dense alone, per RoPE scaling",

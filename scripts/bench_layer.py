@@ -182,6 +182,13 @@ def first_calls(q, k, v, heads, scale, sparse_attention) -> None:
         sparse_attention(q, k, v, plan.index(q, k, scale, [0]), scale)
 
 
+def fractions(text: str) -> list[float]:
+    out = [float(f) for f in text.split(",")]
+    if not all(0 < f <= 1 for f in out):
+        raise argparse.ArgumentTypeError(f"each must be in (0, 1], got {text!r}")
+    return out
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -208,6 +215,13 @@ def main(argv: list[str] | None = None) -> None:
         "--providers",
         help=f"uniform sparse patterns to run: {', '.join(PATTERNS)} (default: all of them; none with --config)",
     )
+    parser.add_argument(
+        "--fractions",
+        type=fractions,
+        default=[],
+        help="add uniform vertical-slash providers at these fractions of the keys as columns and as diagonals "
+        "(block slashes), e.g. the budgets that kept fidelity in bench_fidelity.py's ladder",
+    )
     parser.add_argument("--gamma", type=float, default=None, help="adaptive: attention mass of the sets")
     parser.add_argument("--tau", type=float, default=None, help="adaptive: block-sparse threshold on sqrt JS")
     parser.add_argument(
@@ -221,6 +235,10 @@ def main(argv: list[str] | None = None) -> None:
             n: check_unit(v, f"--{n}", n) for n, v in (("gamma", args.gamma), ("tau", args.tau)) if v is not None
         }
         patterns["adaptive"] = HeadSpec("adaptive", {**patterns["adaptive"].params, **overrides})
+    for f in args.fractions:
+        patterns[f"vertical_slash@{f:g}"] = HeadSpec(
+            "vertical_slash", {**PATTERN_DEFAULTS["vertical_slash"], "vertical": f, "slash": f}
+        )
     if args.smoke:  # tiny defaults; lengths and inputs given explicitly stay
         for name, value in SMOKE.items():
             if getattr(args, name) == parser.get_default(name):

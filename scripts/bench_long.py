@@ -1,6 +1,7 @@
 """Long prompts on one GPU: time to first token up to 1M tokens with chunked prefill, sparse vs dense.
 
-    python scripts/bench_long.py --out benchmarks/results/bench_long_h200     # H200: ~5-7 minutes
+    python scripts/bench_long.py --slash-select block --out benchmarks/results/bench_long_h200  # H200: ~4 min
+    python scripts/bench_long.py --slash-select token --out benchmarks/results/bench_long_h200_token
     python scripts/bench_long.py --smoke --out /tmp/long/bench_long_smoke     # CPU, tiny model, seconds
 
 A random-init model of a real shape (``qwen2.5-7b-1m``: Qwen2.5-7B-Instruct-1M; ``llama3-8b``: Meta-Llama-3-8B, whose
@@ -172,12 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=1, help="timed runs per row (median), after one warm-up per config")
     p.add_argument("--budget-s", type=float, default=480, help="skip rows that would end later than this")
     p.add_argument("--out", default="benchmarks/results/bench_long", help="output path prefix (.md and .csv)")
+    p.add_argument(
+        "--slash-select",
+        type=lambda v: v.split(","),
+        default=[],
+        help="token, block or token,block: one sparse run per slash selection on the config's vertical-slash heads "
+        "(converted MInference configs are token); default: the config as it is",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: exercises every path, measures nothing")
     args = p.parse_args(argv)
     names = args.models.split(",")
     if unknown := set(names) - set(MODELS):
         p.error(f"--models: unknown {sorted(unknown)}; known: {sorted(MODELS)}")
     lengths = sorted(int(s) for s in args.lengths.split(","))
+    if bad := set(args.slash_select) - {"token", "block"}:
+        p.error(f"--slash-select: each must be token or block, got {sorted(bad)}")
     if args.chunk <= 0 or args.chunk % 64:
         p.error(f"--chunk: must be a positive multiple of 64 (the index's block), got {args.chunk}")
     if args.smoke:
@@ -206,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         config, source = sparse_config(model, config_file, args.smoke)
         meta["notes"].append(f"{name}: sparse config {source}; built in {time.perf_counter() - t0:.1f} s")
         print(meta["notes"][-1], flush=True)
+        sparse_runs = {  # one run per slash selection asked for, else the config as it is
+            f"sparse:{select}": lambda m, select=select: patch_model(m, config, min_seq_len=0, slash_select=select)
+            for select in args.slash_select
+        } or {"sparse": lambda m: patch_model(m, config, min_seq_len=0)}
         runs = {
-            "sparse": lambda m: patch_model(m, config, min_seq_len=0),
+            **sparse_runs,
             "ceiling": lambda m: m.set_attn_implementation(SKIP),  # before dense: its extrapolation needs every length
             "dense": lambda m: m.set_attn_implementation(DENSE),
         }
@@ -231,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                     ids = ids_for(model, S, device)
                     row["ttft_ms"], row["peak_gb"] = ttft(model, ids, args.chunk, clock, args.reps)
                     spent[config_name] = (S, row["ttft_ms"] / 1e3 * args.reps)
-                    if config_name == "sparse":
+                    if config_name in sparse_runs:
                         row["path"], row["density"] = path_summary(model)
                 except torch.OutOfMemoryError:
                     row["path"] = "OOM"
@@ -239,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(line(row), flush=True)
                 write(out, rows, meta, names)
-            if config_name == "sparse":
+            if config_name in sparse_runs:
                 unpatch_model(model)
         extrapolate(rows, name)
         del model
@@ -255,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 def line(r: dict) -> str:
     ttft_s = f"{r['ttft_ms'] / 1e3:9.2f} s" if r["ttft_ms"] else "      OOM"
     peak = f"{r['peak_gb']:.1f} GB" if r.get("peak_gb") else "n/a"
-    return f"{r['model']:>14} {label(r['S']):>6} {r['config']:>8} {ttft_s} peak {peak} {r.get('path', '')}"
+    return f"{r['model']:>14} {label(r['S']):>6} {r['config']:>12} {ttft_s} peak {peak} {r.get('path', '')}"
 
 
 def table(rows: list[dict], names: list[str]) -> list[str]:
@@ -266,7 +280,8 @@ def table(rows: list[dict], names: list[str]) -> list[str]:
         lengths = sorted({r["S"] for r in mine})
         md += [f"## {name}: TTFT, chunked prefill (speed-up over dense)", ""]
         md += ["| config | " + " | ".join(map(label, lengths)) + " |", "|---" * (len(lengths) + 1) + "|"]
-        for config in ("sparse", "dense", "ceiling"):
+        configs = [c for c in dict.fromkeys(r["config"] for r in mine) if c.startswith("sparse")]
+        for config in (*configs, "dense", "ceiling"):
             cells = []
             for S in lengths:
                 r = next((r for r in mine if r["S"] == S and r["config"] == config), None)
@@ -305,7 +320,8 @@ def write(out: Path, rows: list[dict], meta: dict, names: list[str]) -> None:
         "Random-init model of the real shape, batch 1, `generate(max_new_tokens=1, prefill_chunk_size=chunk)`; "
         "each cell: TTFT (speed-up over dense), peak GPU memory (weights and KV cache included). `dense`: SDPA "
         "(cuDNN first) with a lower-right causal bias per chunk; `ceiling`: attention skipped; `sparse`: "
-        "`patch_model` on every chunk (`min_seq_len=0`).",
+        "`patch_model` on every chunk (`min_seq_len=0`); `sparse:token` / `sparse:block`: the same config with "
+        "token- or block-granular slashes.",
         "",
         *table(rows, names),
         "## All rows",

@@ -40,7 +40,7 @@ def sparse_attention_torch(
     v: torch.Tensor,
     index: SparseIndex,
     scale: float,
-    max_mask_elems: int = 1 << 22,
+    max_mask_elems: int | None = None,
     group_blocks: int = GROUP_BLOCKS,
 ) -> torch.Tensor:
     """Sparse attention that computes only the index's tiles, in plain torch ops (autograd differentiates it).
@@ -62,6 +62,7 @@ def sparse_attention_torch(
             rows per pair) for the gathered K/V, and the index masks read at once stay within it too. The default
             keeps a batch's buffers at a few MB: at 8K on a 2-core CPU, 4× larger batches ran 1.7× slower (fresh
             buffers' page faults and cache misses), 4× smaller ones 1.1× slower (more calls).
+            On CUDA the default is 16× larger: there the cost is the number of calls, not the buffers.
         group_blocks: query blocks sharing one key list. More rows per gathered key make the gathers and SDPA
             cheaper per key, but a group computes the union of its blocks' keys (masked per block).
     Returns:
@@ -71,6 +72,7 @@ def sparse_attention_torch(
     Hkv, Sk = k.shape[1], k.shape[2]
     G, R = group_blocks, group_blocks * BLOCK  # query blocks and rows per pair
     dev = q.device
+    max_mask_elems = max_mask_elems or (1 << 26 if q.is_cuda else 1 << 22)
     out = q.new_zeros(B * Sq * H, D)  # (sample, query, head) rows: each batch copies its rows in at once
     q_start, first_pos = query_offsets(Sq, Sk, index.kv_start)
     row = torch.arange(R, device=dev)
