@@ -22,7 +22,7 @@ from conftest import assert_close, tiny_model
 from sparse_prefill import SparseConfig, last_report, patch_model
 from sparse_prefill import attention as sp_attention
 from sparse_prefill.config import FORMAT
-from sparse_prefill.index import token_mask
+from sparse_prefill.index import block_mask, col_mask, token_mask
 from sparse_prefill.models import cache_kwarg
 from sparse_prefill.patches import adapter_for
 
@@ -136,3 +136,24 @@ def test_dense_heads_next_to_the_kernel_take_the_bias(device):
     ]  # fmt: skip
     assert torch.equal(got.sequences, want.sequences)
     assert_close(torch.stack(got.logits), torch.stack(want.logits), tol, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+def test_chunked_equals_one_shot_at_64k_on_the_kernel():
+    """At 64K tokens in 32K chunks, on the Triton path at MInference's budgets: the final chunk's first-layer index
+    rows equal one-shot's exactly, and the last logits move less against one-shot than sparsity moves them."""
+    n = 1 << 16
+    ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(5)).cuda()
+    model = tiny_model(head_dim=64, max_position_embeddings=n).to("cuda", torch.bfloat16)
+    dense = one_shot(model, ids)[0, -1].float()
+    patch_model(model, config_for(model, pattern="vertical_slash"), backend="triton")
+    sparse = one_shot(model, ids)[0, -1].float()
+    index = last_report(model)[0].index  # token masks would be 16 GB here: compare its tiles and columns
+    want = block_mask(index, 0)[:, n // 2 // 64 :], col_mask(index, 0)
+    got = chunked(model, n // 2, ids)[0, -1].float()
+    records = last_report(model)
+    assert [(r.path, r.q_len, r.kv_len) for r in records] == [("sparse", n // 2, n)] * 2
+    index = records[0].index
+    assert torch.equal(block_mask(index, 0), want[0]) and torch.equal(col_mask(index, 0), want[1])
+    assert rel_l2(got, dense) < 1.2 * rel_l2(sparse, dense)
