@@ -11,7 +11,7 @@
    * attention recall: the share of the true softmax mass inside the candidate's mask (the kernels' exact key set,
      as :func:`~sparse_prefill.index.sample_mask` gives it), averaged over query rows sampled uniformly over the
      prompt and, separately, over its last rows (where the next tokens are read); the worse of the two counts;
-   * kernel cost: :func:`~sparse_prefill.index.tile_density` (computed 64×64 tiles over causal tiles).
+   * kernel cost: :func:`~sparse_prefill.report.tile_density` (computed 64×64 tiles over causal tiles).
 4. A candidate is eligible for a head if its recall reaches ``--recall`` on every sample (dense always is). With
    ``--budget none`` each head takes its cheapest eligible candidate. With a budget, the recall lost over all heads
    (mean over samples) is minimised under that mean density: density goes where it buys the most recall, so heads

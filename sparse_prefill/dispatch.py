@@ -26,10 +26,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .backend import Backend
 from .dense import dense_attention, dense_heads_into, flash_attention, flash_unsupported
-from .index import SparseIndex, drop_heads
+from .index import drop_heads
 from .kernels import sparse_attention
 from .layout import call_unsupported
-from .plan import LayerPlan
+from .plan import LayerPlan, PlannedIndex
 from .plan.adaptive import DENSE
 from .report import LayerRecord
 from .state import LAYERS
@@ -37,13 +37,12 @@ from .state import LAYERS
 ATTN_NAME = "sparse_prefill"
 
 
-def dense_heads(plan: LayerPlan, index: SparseIndex) -> list[int]:
+def dense_heads(plan: LayerPlan, index: PlannedIndex) -> list[int]:
     """The heads that run dense for every sample of this call: the configured dense heads and the adaptive heads that
     chose dense (read on the host: one synchronisation per call of a layer with adaptive heads)."""
     heads = set(plan.groups.get("dense", ()))
-    choice = getattr(index, "choice", None)
-    if choice is not None:
-        chose = (choice == DENSE).all(0).tolist()
+    if index.choice is not None:
+        chose = (index.choice == DENSE).all(0).tolist()
         heads.update(h for h, dense in enumerate(chose) if dense)
     return sorted(heads)
 

@@ -152,8 +152,8 @@ def patch_model(
             None with ``mode="adaptive"``.
         mode: ``"config"`` (the patterns of ``config``) or ``"adaptive"``: no config, every head adaptive
             (:mod:`sparse_prefill.plan.adaptive`: each call chooses vertical-slash, query-aware block-sparse or dense
-            per
-            sample and head, with budgets set by attention mass), so any supported model works without calibration.
+            per sample and head, with budgets set by attention mass), so any supported model works without
+            calibration.
         gamma: the attention mass adaptive heads' sets must reach, in (0, 1] (default 0.9). Overrides the config's
             value on every adaptive head; an error if there is none.
         tau: adaptive heads go query-aware block-sparse when sqrt(JS) of the pooled estimate is below it, in [0, 1]

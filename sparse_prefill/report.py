@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from .masks import block_mask
 from .ops import cdiv, cdiv_tensor
 from .plan.adaptive import CHOICES
 from .state import MODELS, Patched
+
+if TYPE_CHECKING:
+    from .plan import PlannedIndex
 
 
 @dataclass
@@ -32,7 +36,7 @@ class LayerRecord:
     specs: list[str] = field(default_factory=list)  # each head's configured pattern (sparse path only)
     q_len: int = 0
     kv_len: int = 0
-    index: SparseIndex | None = None
+    index: PlannedIndex | None = None
     _density: torch.Tensor | None = None
     _choices: list[list[str]] | None = None
 
@@ -53,7 +57,7 @@ class LayerRecord:
             return None
         if self._choices is None:
             B = self.index.diag_mask.shape[0]
-            choice = getattr(self.index, "choice", None)  # a PlannedIndex's; None without adaptive heads
+            choice = self.index.choice
             codes = choice.tolist() if choice is not None else [[-1] * len(self.specs)] * B
             self._choices = [
                 [f"adaptive:{CHOICES[c]}" if c >= 0 else p for p, c in zip(self.specs, row)] for row in codes
