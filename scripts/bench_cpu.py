@@ -8,7 +8,7 @@ the sparse rows of each length, so both see the same machine load.
     python scripts/bench_cpu.py --lengths 4k,8k
     python scripts/bench_cpu.py --smoke   # tiny shapes: checks the script, measures nothing
 
-Columns: ``density`` (computed tiles over causal tiles, :func:`~sparse_prefill.index.tile_density`, mean over heads),
+Columns: ``density`` (computed tiles over causal tiles, :func:`~sparse_prefill.report.tile_density`, mean over heads),
 ``index_ms`` (estimating the index), ``sparse_ms`` (``sparse_attention_torch`` on it), ``dense_ms``, ``speedup``
 (dense over sparse attention, the index left out; ``speedup_total`` counts it in) and ``err_vs_dense`` (relative L2
 error of the sparse output against dense attention: what the pattern leaves out, not arithmetic error). Times are the
@@ -35,9 +35,9 @@ from bench_layer import structured_qkv  # noqa: E402
 
 from sparse_prefill.cli import lengths as lengths_type  # noqa: E402
 from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec  # noqa: E402
-from sparse_prefill.estimate import LayerPlan  # noqa: E402
-from sparse_prefill.index import tile_density  # noqa: E402
-from sparse_prefill.reference import sparse_attention_torch  # noqa: E402
+from sparse_prefill.blockwise import sparse_attention_torch  # noqa: E402
+from sparse_prefill.plan import LayerPlan  # noqa: E402
+from sparse_prefill.report import tile_density  # noqa: E402
 
 SHAPE = (9, 3, 64)  # SmolLM2-135M: query heads, KV heads, head_dim
 VS = PATTERN_DEFAULTS["vertical_slash"]

@@ -7,7 +7,7 @@ One attention layer (32 query / 8 KV heads: Llama-3-8B at head_dim 128, Llama-3.
 through the package's own entry point: the times are those of the two paths ``sparse_prefill_attention`` chooses
 between (median of ``triton.testing.do_bench``, the helper of ``scripts/bench_layer.py``):
 
-* ``dense``: its dense fallback, SDPA with cuDNN first (``attention.dense_attention``);
+* ``dense``: its dense fallback, SDPA with cuDNN first (``dense.dense_attention``);
 * ``flash_attn``: flash-attn's ``flash_attn_func``, only when it is importable;
 * ``sparse``: the whole sparse path at the default vertical-slash budgets, index building included
   (``attention.sparse_prefill_attention`` with ``min_seq_len=0``).
@@ -36,17 +36,11 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from bench_layer import bench, parse_lengths, random_qkv, structured_qkv  # noqa: E402
 
-from sparse_prefill.attention import (  # noqa: E402
-    LAYERS,
-    LayerState,
-    PatchState,
-    dense_attention,
-    flash_attention,
-    sparse_prefill_attention,
-)
 from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec  # noqa: E402
-from sparse_prefill.devices import device_class, flash_attn_error  # noqa: E402
-from sparse_prefill.estimate import LayerPlan  # noqa: E402
+from sparse_prefill.dense import dense_attention, flash_attention, flash_attn_error  # noqa: E402
+from sparse_prefill.devices import device_class  # noqa: E402
+from sparse_prefill.dispatch import sparse_prefill_attention  # noqa: E402
+from sparse_prefill.patch import patch_module  # noqa: E402
 
 HEADS = (32, 8)  # query heads, KV heads
 LENGTHS = "4k,8k,12k,16k,24k,32k,48k,64k"
@@ -105,13 +99,13 @@ def table_lines(dev_class: str, results: dict, date: str) -> list[str]:
     return lines
 
 
-def measure(module, q, k, v, scale: float, timer, flash: bool) -> dict:
+def measure(module, patch, q, k, v, scale: float, timer, flash: bool) -> dict:
     """Times (ms) of the dense fallback, flash-attn (if ``flash``) and the whole sparse path on one input."""
     row = {"dense_ms": timer(lambda: dense_attention(module, q, k, v, None, scaling=scale))}
     if flash:
         row["flash_attn_ms"] = timer(lambda: flash_attention(q, k, v, 0.0, scale))
     row["sparse_ms"] = timer(lambda: sparse_prefill_attention(module, q, k, v, None, scaling=scale))
-    record = LAYERS[module].patch.records[0]
+    record = patch.records[0]
     if record.path != "sparse":
         raise RuntimeError(f"the sparse path did not run: {record.reason}")
     row["density"] = float(torch.tensor(record.density).mean())
@@ -156,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     H, Hkv = heads
     module = Layer(H, Hkv)
     spec = HeadSpec("vertical_slash", dict(PATTERN_DEFAULTS["vertical_slash"]))
-    LAYERS[module] = LayerState(0, LayerPlan([spec] * H), PatchState(min_seq_len=0, backend="auto"), tuple(range(H)))
+    patch = patch_module(module, [spec] * H, min_seq_len=0, backend="auto")
     rows, results = [], {}
     for D in (int(d) for d in args.head_dims.split(",")):
         scale = D**-0.5
@@ -171,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                     q, k, v = random_qkv(H, Hkv, S, D)
                 q, k, v = (t.to(dtype) for t in (q, k, v))
                 row = {"head_dim": D, "S": S, "input": kind, "heads": f"{H}/{Hkv}"}
-                row.update(measure(module, q, k, v, scale, timer, flash=flash_missing is None and not smoke))
+                row.update(measure(module, patch, q, k, v, scale, timer, flash=flash_missing is None and not smoke))
                 row["best_dense_ms"] = min(row["dense_ms"], row.get("flash_attn_ms", float("inf")))
                 row["speedup"] = row["best_dense_ms"] / row["sparse_ms"]
                 rows.append(row)

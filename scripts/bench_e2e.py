@@ -55,9 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparse_prefill  # noqa: E402
 from sparse_prefill import SparseConfig, last_report, patch_model, unpatch_model  # noqa: E402
-from sparse_prefill import attention as sp_attention  # noqa: E402
+from sparse_prefill import dispatch as sp_attention  # noqa: E402
 from sparse_prefill.config import FORMAT, PATTERN_DEFAULTS, ModelInfo  # noqa: E402
-from sparse_prefill.devices import flash_attn_error  # noqa: E402
+from sparse_prefill.dense import flash_attn_error  # noqa: E402
 from sparse_prefill.patches import adapter_for  # noqa: E402
 
 # Shapes of the real models (config.json of Meta-Llama-3-8B, Qwen2-7B and Qwen3-8B).

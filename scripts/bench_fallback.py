@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_e2e import MODELS, build_model, dense_context, ids_for, prefill  # noqa: E402
 
 from sparse_prefill import SparseConfig, last_report, patch_model  # noqa: E402
-from sparse_prefill.attention import ATTN_NAME  # noqa: E402
+from sparse_prefill.dispatch import ATTN_NAME  # noqa: E402
 from sparse_prefill.patches import adapter_for  # noqa: E402
 
 

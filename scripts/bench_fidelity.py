@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparse_prefill.calibrate import calibrate, capturing, natural_text, recall, row_groups  # noqa: E402
 from sparse_prefill.cli import parse_lengths  # noqa: E402
 from sparse_prefill.config import SparseConfig  # noqa: E402
-from sparse_prefill.estimate import build_index  # noqa: E402
-from sparse_prefill.index import tile_density  # noqa: E402
+from sparse_prefill.plan import build_index  # noqa: E402
+from sparse_prefill.report import tile_density  # noqa: E402
 from sparse_prefill.models import SMOLLM2, load_model  # noqa: E402
 from sparse_prefill.patch import last_report, patch_model, resolve_config, unpatch_model  # noqa: E402
 from sparse_prefill.patches import adapter_for  # noqa: E402
@@ -94,7 +94,7 @@ def settings(model, tokenizer, length: int, seed: int, ladder: list[float]) -> d
     calibrated = calibrate(model, tokenizer, info, [length], samples=2, seed=seed, progress=False)
     vs = dict(pattern="vertical_slash")
     out = {
-        "shipped config": dict(config=resolve_config(None, info)),
+        "shipped config": dict(config=resolve_config(model)),
         f"calibrated at {length}": dict(config=calibrated),
         "adaptive gamma 0.9": dict(mode="adaptive", gamma=0.9),
         "adaptive gamma 0.95": dict(mode="adaptive", gamma=0.95),

@@ -34,7 +34,8 @@ DENSITIES = (0.05, 0.10, 0.25)
 
 def synthetic_index(pattern: str, density: float, H: int, S: int, device: str):
     """An index of one layer (batch 1, no padding) with about ``density`` of the causal tiles per head."""
-    from sparse_prefill.index import BLOCK, ascending, cdiv, make_index
+    from sparse_prefill.index import BLOCK, make_index
+    from sparse_prefill.ops import ascending, cdiv
 
     N = cdiv(S, BLOCK)
     kv_start = torch.zeros(1, dtype=torch.long, device=device)
@@ -158,7 +159,7 @@ def main() -> int:
     import triton
     from torch.nn.attention import SDPBackend
 
-    from sparse_prefill.index import tile_density
+    from sparse_prefill.report import tile_density
     from sparse_prefill.kernels import sparse_attention_triton
 
     device, dev_name = "cuda", torch.cuda.get_device_name()

@@ -40,14 +40,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparse_prefill.adaptive import CHOICES  # noqa: E402
+from sparse_prefill.plan.adaptive import CHOICES  # noqa: E402
 from sparse_prefill.cli import parse_lengths  # noqa: E402
 from sparse_prefill.config import CHOICES as PARAM_CHOICES  # noqa: E402
 from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec, SparseConfig, check_unit, load_config  # noqa: E402
-from sparse_prefill.estimate import LayerPlan, _GraphedSelect  # noqa: E402
-from sparse_prefill.index import block_mask, col_mask, rows_mask, tile_density  # noqa: E402
+from sparse_prefill.masks import block_mask, col_mask, rows_mask  # noqa: E402
 from sparse_prefill.patch import shipped_configs  # noqa: E402
-from sparse_prefill.reference import sparse_attention_torch  # noqa: E402
+from sparse_prefill.plan import LayerPlan  # noqa: E402
+from sparse_prefill.report import tile_density  # noqa: E402
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # query heads, kv heads, head_dim
 PATTERNS = {
@@ -175,8 +175,8 @@ def config_providers(config: SparseConfig, layer: int, slash_select: str | None)
 
 def first_calls(q, k, v, heads, scale, sparse_attention) -> None:
     """Three calls of a fresh plan: eager, CUDA-graph capture (with the workspace and the graph's memory) and replay,
-    so the peak counts everything the index keeps, not only the steady state."""
-    _GraphedSelect._workspaces.clear()
+    so the peak counts everything the index keeps, not only the steady state (a plan made alone has its own
+    workspace and graph pool)."""
     plan = LayerPlan(heads)
     for _ in range(3):
         sparse_attention(q, k, v, plan.index(q, k, scale, [0]), scale)
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         dev, device = "cuda", torch.cuda.get_device_name()
         versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
     else:
-        sparse_attention = sparse_attention_torch
+        from sparse_prefill.blockwise import sparse_attention_torch as sparse_attention
         dev, device = "cpu", f"CPU smoke run ({platform.processor() or platform.machine()}), torch backend"
         versions = f"torch {torch.__version__}, python {platform.python_version()}"
     runs = []  # (shape name, (H, Hkv, D), provider -> the layer's head specs)

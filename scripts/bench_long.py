@@ -57,7 +57,7 @@ from bench_e2e import (  # noqa: E402
 )
 
 from sparse_prefill import SparseConfig, load_config, patch_model, unpatch_model  # noqa: E402
-from sparse_prefill.attention import dense_attention  # noqa: E402
+from sparse_prefill.dense import dense_attention  # noqa: E402
 from sparse_prefill.layout import lower_right_mask  # noqa: E402
 from sparse_prefill.patches import adapter_for  # noqa: E402
 

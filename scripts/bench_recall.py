@@ -26,11 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparse_prefill.calibrate import capturing, recall, row_groups  # noqa: E402
 from sparse_prefill.cli import parse_lengths  # noqa: E402
 from sparse_prefill.config import HeadSpec, SparseConfig  # noqa: E402
-from sparse_prefill.estimate import build_index  # noqa: E402
-from sparse_prefill.index import tile_density  # noqa: E402
+from sparse_prefill.plan import build_index  # noqa: E402
+from sparse_prefill.report import tile_density  # noqa: E402
 from sparse_prefill.models import SMOLLM2, load_model  # noqa: E402
 from sparse_prefill.patch import resolve_config, with_head_params  # noqa: E402
-from sparse_prefill.patches import adapter_for  # noqa: E402
 from sparse_prefill.tasks import TASKS, make_samples  # noqa: E402
 
 COLUMNS = ("density", "recall, uniform rows", "recall, last rows")
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, tokenizer = load_model(args.model)
-    config = resolve_config(args.config, adapter_for(model).model_info(model))
+    config = resolve_config(model, args.config)
     specs = settings(config, args.gammas)
     results = {}
     for sample in make_samples(tokenizer, args.tasks, [args.length], [args.depth], 1, args.seed):

@@ -7,8 +7,9 @@ unpatch_model(model)
 """
 
 from .config import ConfigError, HeadSpec, ModelInfo, SparseConfig, load_config, save_config
-from .patch import is_patched, last_report, patch_model, report_json, unpatch_model
+from .patch import is_patched, patch_model, resolve_config, unpatch_model
 from .patches import UnsupportedModelError
+from .report import last_report, report_json
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "load_config",
     "patch_model",
     "report_json",
+    "resolve_config",
     "save_config",
     "unpatch_model",
 ]

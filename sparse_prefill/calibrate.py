@@ -6,12 +6,12 @@
    and raw windows of natural English (CPython's own reference manual, ``pydoc_data.topics``; no download).
 2. One dense prefill per prompt captures every layer's post-RoPE q/k through transformers' attention interface.
 3. For every layer, each candidate (A-shape, vertical-slash and block-sparse at several budgets, adaptive at several
-   ``gamma``, and dense) is built for all heads at once with :func:`~sparse_prefill.estimate.build_index`, as at run
+   ``gamma``, and dense) is built for all heads at once with :func:`~sparse_prefill.plan.build_index`, as at run
    time (so an adaptive candidate's sets are the ones it picks for that prompt), and scored per head by
    * attention recall: the share of the true softmax mass inside the candidate's mask (the kernels' exact key set,
      as :func:`~sparse_prefill.index.sample_mask` gives it), averaged over query rows sampled uniformly over the
      prompt and, separately, over its last rows (where the next tokens are read); the worse of the two counts;
-   * kernel cost: :func:`~sparse_prefill.index.tile_density` (computed 64×64 tiles over causal tiles).
+   * kernel cost: :func:`~sparse_prefill.report.tile_density` (computed 64×64 tiles over causal tiles).
 4. A candidate is eligible for a head if its recall reaches ``--recall`` on every sample (dense always is). With
    ``--budget none`` each head takes its cheapest eligible candidate. With a budget, the recall lost over all heads
    (mean over samples) is minimised under that mean density: density goes where it buys the most recall, so heads
@@ -43,8 +43,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cli import add_rope_scaling, device, integer, lengths, output_problem
 from .config import AUTO, DEFAULT_MIN_SEQ_LEN, FORMAT, PATTERN_DEFAULTS, HeadSpec, ModelInfo, SparseConfig
-from .estimate import build_index
-from .index import BLOCK, SparseIndex, block_mask, cdiv, tile_density
+from .plan import build_index, registry
+from .index import BLOCK, SparseIndex
+from .masks import block_mask
+from .ops import cdiv
+from .report import tile_density
 from .models import DTYPES
 from .prompts import passkey_prompt
 
@@ -346,7 +349,7 @@ def build_config(info: ModelInfo, choice, recall, density, candidates, min_seq_l
 
 def summary(config: SparseConfig) -> str:
     """Per layer: pattern counts, mean density, min recall; then the totals."""
-    short = {"dense": "D", "a_shape": "A", "vertical_slash": "VS", "block_sparse": "BS", "adaptive": "AD"}
+    short = {name: p.abbrev for name, p in registry.PATTERNS.items()}
     rec, dens = config.provenance["recall"], config.provenance["density"]
     lines = [f"{'layer':>5}  {'patterns':<29} {'density':>7} {'min recall':>10}"]
     for li, heads in enumerate(config.layers):

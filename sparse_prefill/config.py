@@ -17,8 +17,9 @@ one pattern per (layer, head)::
 config by them (:func:`sparse_prefill.patch.pick_shipped_config`).
 
 A head entry gives a pattern and any of its parameters; missing ones come from ``defaults``, then from
-``PATTERN_DEFAULTS``. Budgets (token or block counts) are positive integers, or fractions in (0, 1) of the key length
-of the call (of its key blocks for ``max_blocks``), so one config can serve several prompt lengths. ``adaptive``
+``PATTERN_DEFAULTS`` (each pattern's module in :mod:`sparse_prefill.plan` defines its parameters). Budgets (token or
+block counts) are positive integers, or fractions in (0, 1) of the key length of the call (of its key blocks for
+``max_blocks``), so one config can serve several prompt lengths. ``adaptive``
 heads also take thresholds, numbers in the unit interval (``UNIT``): ``gamma`` and ``dense_above`` in (0, 1],
 ``tau`` in [0, 1].
 
@@ -42,51 +43,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .devices import AUTO
+from .plan.registry import PATTERNS
+
 FORMAT = "sparse_prefill/1"
-AUTO = "auto"
 DEFAULT_MIN_SEQ_LEN = AUTO  # the measured crossover of the call's device and head_dim: sparse_prefill.devices
 
-# Built-in parameters per pattern (MInference's defaults). Budgets may be fractions; the rest are integers.
-PATTERN_DEFAULTS: dict[str, dict[str, int | float | str]] = {
-    "dense": {},
-    # sink keys + a local window of keys.
-    "a_shape": {"sink": 128, "local": 3968},
-    # top key columns + top diagonals from the last `last_q` queries; always keep the first `force_vertical` columns
-    # (attention sinks) and the `force_slash` nearest diagonals (the local window). `slash_select` "token" keeps the
-    # `slash` top diagonals (MInference; each scattered one costs up to two key blocks per query block), "block" the
-    # slash/64 block diagonals that cover the most slash mass (the kernel's cost, fixed by the budget).
-    "vertical_slash": {
-        "vertical": 1000,
-        "slash": 6096,
-        "last_q": 64,
-        "force_vertical": 30,
-        "force_slash": 100,
-        "slash_select": "block",
-    },
-    # top-k key blocks per query block from mean-pooled q·k.
-    "block_sparse": {"top_k": 100},
-    # No fixed pattern: per call, sample and head, vertical-slash or query-aware block-sparse (or dense), with the
-    # fewest columns / diagonals / blocks whose estimated attention mass reaches `gamma` (for columns: of the mass the
-    # sinks leave) (sparse_prefill.adaptive, after FlexPrefill). Block-sparse when sqrt(JS) of the last `last_q`
-    # queries' true block attention and its pooled q·k estimate is below `tau`; dense when the sets' estimated tile
-    # density reaches `dense_above`. The first `force_vertical` keys and the `force_slash` nearest diagonals are
-    # always kept; a block-sparse row keeps at most `max_blocks` key blocks (a head whose rows need more is not
-    # block-sparse).
-    "adaptive": {
-        "gamma": 0.9,
-        "tau": 0.1,
-        "last_q": 128,
-        "force_vertical": 64,
-        "force_slash": 128,
-        "max_blocks": 0.125,
-        "dense_above": 0.8,
-    },
-}
-BUDGETS = {"sink", "local", "vertical", "slash", "top_k", "max_blocks"}
-CHOICES = {"slash_select": ("token", "block")}
-SHAPE = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")  # what a config must match
+# Each pattern's schema lives in its module (sparse_prefill.plan.<pattern>); these tables gather them.
+PATTERN_DEFAULTS: dict[str, dict[str, int | float | str]] = {n: dict(p.defaults) for n, p in PATTERNS.items()}
+BUDGETS = set().union(*(p.budgets for p in PATTERNS.values()))  # positive integers, or fractions of the length
+CHOICES = {name: options for p in PATTERNS.values() for name, options in p.choices.items()}
 # Numbers in a closed or half-open unit interval: name -> (lowest allowed value is included, text for errors).
-UNIT = {"gamma": (False, "(0, 1]"), "tau": (True, "[0, 1]"), "dense_above": (False, "(0, 1]")}
+UNIT = {name: rule for p in PATTERNS.values() for name, rule in p.unit.items()}
+SHAPE = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")  # what a config must match
 MAX_INT = 2**31 - 1  # the largest integer a config may hold: counts become int32 indices in the kernels
 TOP_KEYS = ("format", "model", "min_seq_len", "defaults", "layers", "provenance")
 
@@ -288,10 +257,8 @@ def _head_spec(entry: Any, defaults: dict, where: str) -> HeadSpec:
     _check_params(pattern, params, where)
     full = {**PATTERN_DEFAULTS[pattern], **defaults.get(pattern, {}), **params}
     full = {k: float(v) if k in UNIT else v for k, v in full.items()}  # JSON's 1 is the float 1.0 here
-    if pattern == "vertical_slash":
-        for budget, forced in (("vertical", "force_vertical"), ("slash", "force_slash")):
-            if isinstance(full[budget], int) and full[forced] > full[budget]:
-                raise ConfigError(f"{where}.{forced}: must not exceed {budget}={full[budget]}")
+    if broken := PATTERNS[pattern].check(full):
+        raise ConfigError(f"{where}.{broken}")
     return HeadSpec(pattern, full)
 
 

@@ -22,6 +22,10 @@ import re
 
 import torch
 
+from .dense import flash_attn_error
+
+AUTO = "auto"  # a min_seq_len read from MIN_SEQ_LEN per call
+
 # (device class, head_dim) -> dense-fallback crossover in keys, from the lines `python scripts/bench_crossover.py`
 # prints on that device.
 MIN_SEQ_LEN: dict[tuple[str, int], int] = {
@@ -79,24 +83,3 @@ def dense_backend_for(requested: str, dev_class: str, head_dim: int) -> str:
     if DENSE_BACKEND.get((dev_class, head_dim)) == "flash_attn" and flash_attn_error() is None:
         return "flash_attn"
     return "sdpa"
-
-
-def load_flash_attn():
-    """``flash_attn.flash_attn_func``; ImportError naming the fix when flash-attn is missing or broken."""
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError as e:
-        raise ImportError(
-            f"dense_backend='flash_attn' needs the flash-attn package ({e}); install it with "
-            "pip install 'sparse-prefill[flash]', or use dense_backend='auto'"
-        ) from e
-    return flash_attn_func
-
-
-def flash_attn_error() -> str | None:
-    """None when flash-attn imports, else why not."""
-    try:
-        load_flash_attn()
-    except ImportError as e:
-        return str(e.__cause__ or e)
-    return None

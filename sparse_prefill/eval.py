@@ -44,11 +44,12 @@ from .cli import add_rope_scaling, device, integer, length, output_problem, pars
 from .config import PATTERN_DEFAULTS, ConfigError, SparseConfig, check_unit, load_config
 from .datasets_eval import benchmark_samples, dataset_arg, read_examples
 from .models import DTYPES, SMOLLM2, cache_kwarg, context_length, load_model
-from .patch import find_shipped_config, last_report, patch_model, unpatch_model
+from .patch import find_shipped_config, last_report, patch_model, resolve_config, unpatch_model
 from .patches import UnsupportedModelError, adapter_for
+from .plan import PATTERNS
 from .tasks import TASKS, Haystack, Sample, make_samples
 
-ALIASES = {"vs": "vertical_slash", "a": "a_shape", "block": "block_sparse"}
+ALIASES = {p.alias: name for name, p in PATTERNS.items() if p.alias != name}  # uniform-<alias>
 MIN_LENGTH = 512  # room for the instructions and the answer of every task
 OUTPUTS = ("results.json", "summary.md", "needle_grid.png", "patterns.png")  # all a run writes into --out
 
@@ -543,9 +544,9 @@ def _shape(info: dict) -> str:
 
 
 def _layer_patterns(config: SparseConfig) -> list[str]:
-    short = {"vertical_slash": "vs", "a_shape": "a", "block_sparse": "block", "dense": "dense", "adaptive": "adaptive"}
     return [
-        " ".join(f"{short[p]}×{c}" for p, c in Counter(h.pattern for h in layer).items()) for layer in config.layers
+        " ".join(f"{PATTERNS[p].alias}×{c}" for p, c in Counter(h.pattern for h in layer).items())
+        for layer in config.layers
     ]
 
 
@@ -833,22 +834,13 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         fail("--model", e)
     try:
-        config = patch_model(
-            model,
-            _config_arg(args.config, model),
-            mode=args.mode,
-            gamma=args.gamma,
-            tau=args.tau,
-            min_seq_len=args.min_seq_len,
-        )
+        config = resolve_config(model, _config_arg(args.config, model), mode=args.mode, gamma=args.gamma, tau=args.tau)
     except UnsupportedModelError as e:
         fail("--model", e)
     except (ConfigError, OSError) as e:
         fail("--config", e)
     except ValueError as e:  # gamma / tau given for a config without adaptive heads
         fail("--gamma" if args.gamma is not None else "--tau", e)
-    finally:
-        unpatch_model(model)
     context = context_length(model.config)
     if args.dataset:
         if not (args.max_length or context):

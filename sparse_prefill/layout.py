@@ -165,3 +165,19 @@ def _lower_right(q_len: int, kv_len: int) -> CausalBias:
     bias = causal_lower_right(0, 0)
     bias.seq_len_q, bias.seq_len_kv = q_len, kv_len
     return bias
+
+
+def call_unsupported(module, kwargs: dict, dropout: float, kv_len: int) -> str:
+    """What of an attention call (its module, its keyword arguments, dropout, kv_len) the causal kernels, sparse
+    or flash-attn, cannot express: "" when nothing."""
+    if dropout:
+        return "dropout"
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        return "non-causal attention"
+    window = kwargs.get("sliding_window")
+    if window is not None and kv_len > window:  # up to its length the band is the causal mask: sparse runs exactly
+        return f"a sliding window ({window} keys) shorter than the keys"
+    for name in ("softcap", "position_bias", "cache"):
+        if kwargs.get(name) is not None:
+            return name
+    return ""

@@ -3,7 +3,7 @@
 Two engines split a transformers model, and a patched model runs under both:
 
 * accelerate's ``device_map``: whole layers sit on different devices. Nothing here: every layer's index and kernel
-  run on the device of its q/k/v (see :func:`sparse_prefill.attention.sparse_prefill_attention`).
+  run on the device of its q/k/v (see :func:`sparse_prefill.dispatch.sparse_prefill_attention`).
 * transformers tensor parallelism (``from_pretrained(..., tp_plan="auto")`` under ``torchrun``): the q/k/v
   projections are sharded "colwise", so each rank computes a contiguous slice of the query heads and the matching
   slice of the KV heads, and the attention function sees only those. :func:`head_shard` reads the slice from the
@@ -13,8 +13,8 @@ Two engines split a transformers model, and a patched model runs under both:
       rank 0: query heads  0..15, KV heads 0..3      (query head h reads KV head h // 4)
       rank 1: query heads 16..31, KV heads 4..7      (local query head 0 = global 16 reads local KV head 0 = global 4)
 
-Reports keep global head numbers: each layer's record lists the global ids of its heads, and :func:`gather_report`
-collects every rank's heads into one report per layer.
+Reports keep global head numbers: each layer's record lists the global ids of its heads, and
+:func:`sparse_prefill.report.gather_report` collects every rank's heads into one report per layer.
 """
 
 from __future__ import annotations
@@ -105,35 +105,3 @@ def head_shard(q_proj: torch.nn.Module | None, k_proj: torch.nn.Module | None, i
     rank, size, group = q or (0, 1, None)
     shard = shard_heads(info.num_heads, info.num_kv_heads, size, rank)
     return HeadShard(shard.q_heads, shard.kv_heads, rank, size, group)
-
-
-def gather_report(model) -> list[dict]:
-    """Every layer's last prefill record with all its heads, in global head order, as JSON-ready dicts.
-
-    Under tensor parallelism each rank records only its own heads; this gathers them over the TP group (a collective:
-    call it on every rank). Without TP it is :func:`~sparse_prefill.patch.report_json`'s content. Each entry:
-    ``layer``, ``path``, ``reason``, ``heads`` (global ids), ``patterns`` and ``density`` [sample][head] (None on the
-    dense path), both aligned with ``heads``.
-    """
-    from .patch import _PATCHED, last_report
-
-    local = [r.to_dict() for r in last_report(model)]
-    group = _PATCHED[model][1].tp_group
-    if group is None:
-        return local
-    parts: list = [None] * torch.distributed.get_world_size(group)
-    torch.distributed.all_gather_object(parts, local, group=group)
-    merged = []
-    for entries in zip(*parts):
-        entries = sorted(entries, key=lambda e: e["heads"][0] if e["heads"] else 0)
-        first = entries[0]
-        dens = [e["density"] for e in entries]
-        merged.append(
-            {
-                **first,
-                "heads": [h for e in entries for h in e["heads"]],
-                "patterns": [p for e in entries for p in e["patterns"]],
-                "density": None if None in dens else [sum(rows, []) for rows in zip(*dens)],
-            }
-        )
-    return merged

@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import weakref
+import torch
 from importlib import resources
 from pathlib import Path
 
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .attention import ATTN_NAME, LAYERS, LayerRecord, LayerState, PatchState, sparse_prefill_attention
+from .backend import REQUESTS as BACKENDS
 from .config import (
     CHOICES,
     SHAPE,
@@ -24,17 +24,29 @@ from .config import (
     check_unit,
     load_config,
 )
-from .devices import DENSE_BACKENDS, load_flash_attn
-from .estimate import LayerPlan
+from .dense import load_flash_attn
+from .devices import DENSE_BACKENDS
+from .dispatch import ATTN_NAME, sparse_prefill_attention
 from .layout import lower_right_mask
 from .parallel import head_shard
 from .patches import adapter_for
+from .plan import LayerPlan
+from .report import last_report, report_json
+from .state import LAYERS, MODELS, LayerState, Patched, PatchState
 
-BACKENDS = ("auto", "triton", "torch")
 MODES = ("config", "adaptive")
 
-# model -> (implementation it had before the first patch, its PatchState).
-_PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+__all__ = [
+    "is_patched",
+    "last_report",
+    "patch_model",
+    "patch_module",
+    "pick_shipped_config",
+    "report_json",
+    "resolve_config",
+    "unpatch_model",
+    "unpatch_module",
+]
 
 logger = logging.getLogger("sparse_prefill")
 
@@ -89,7 +101,7 @@ def find_shipped_config(info: ModelInfo) -> SparseConfig | None:
     return pick_shipped_config(info)[0]
 
 
-def resolve_config(config, info: ModelInfo) -> SparseConfig:
+def config_from(config, info: ModelInfo) -> SparseConfig:
     """A SparseConfig from a path, a dict, a SparseConfig, or None: the shipped config for the model
     (:func:`pick_shipped_config`), else the uncalibrated default. For None, logs (logger ``sparse_prefill``) which
     config was chosen and why at INFO, and warns when it is the default."""
@@ -139,8 +151,9 @@ def patch_model(
             MInference's budgets (1000 columns, 6096 diagonals, 64 estimation queries), with one warning. Must be
             None with ``mode="adaptive"``.
         mode: ``"config"`` (the patterns of ``config``) or ``"adaptive"``: no config, every head adaptive
-            (:mod:`sparse_prefill.adaptive`: each call chooses vertical-slash, query-aware block-sparse or dense per
-            sample and head, with budgets set by attention mass), so any supported model works without calibration.
+            (:mod:`sparse_prefill.plan.adaptive`: each call chooses vertical-slash, query-aware block-sparse or dense
+            per sample and head, with budgets set by attention mass), so any supported model works without
+            calibration.
         gamma: the attention mass adaptive heads' sets must reach, in (0, 1] (default 0.9). Overrides the config's
             value on every adaptive head; an error if there is none.
         tau: adaptive heads go query-aware block-sparse when sqrt(JS) of the pooled estimate is below it, in [0, 1]
@@ -176,39 +189,23 @@ def patch_model(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
-    if mode == "adaptive" and config is not None:
-        raise ValueError(
-            "config: must be None with mode='adaptive' (every head is adaptive); for a config with "
-            "adaptive heads use mode='config'"
-        )
     if min_seq_len is not None:
         check_min_seq_len(min_seq_len, "min_seq_len")
     if dense_backend not in DENSE_BACKENDS:
         raise ValueError(f"dense_backend: must be one of {DENSE_BACKENDS}, got {dense_backend!r}")
     if dense_backend == "flash_attn":
         load_flash_attn()
-    overrides = {name: check_unit(v, name, name) for name, v in (("gamma", gamma), ("tau", tau)) if v is not None}
-    if slash_select not in (None, *CHOICES["slash_select"]):
-        raise ValueError(f"slash_select: must be one of {CHOICES['slash_select']}, got {slash_select!r}")
-    vs_overrides = {} if slash_select is None else {"slash_select": slash_select}
     adapter = adapter_for(model, force)
     info = adapter.model_info(model)
-    if mode == "adaptive":
-        cfg = SparseConfig.uniform(info, "adaptive", **overrides)
-        cfg.provenance = {"tool": "patch_model(mode='adaptive')"}
-    else:
-        cfg = with_head_params(resolve_config(config, info), "adaptive", overrides)
-    cfg = with_head_params(cfg, "vertical_slash", vs_overrides)
-    cfg.check_model(info)
+    cfg = _resolve(info, config, mode, gamma, tau, slash_select)
     modules = adapter.attention_modules(model)
     shards = [head_shard(*adapter.head_projections(module), info) for module in modules]
 
     _register()
-    previous = _PATCHED[model][0] if model in _PATCHED else model.config._attn_implementation
-    if model in _PATCHED:
-        _drop_layers(model)
+    before = MODELS.get(model)
+    previous = before.previous if before else model.config._attn_implementation
+    if before:
+        _release(before)
     state = PatchState(
         min_seq_len=cfg.min_seq_len if min_seq_len is None else min_seq_len,
         backend=backend,
@@ -218,10 +215,51 @@ def patch_model(
     plans: dict[str, LayerPlan] = {}  # layers with the same head specs share a plan, and so its cached indices
     for layer, (module, shard) in enumerate(zip(modules, shards)):
         heads = cfg.layers[layer][shard.q_heads.start : shard.q_heads.stop]
-        plan = plans.setdefault(json.dumps([h.to_dict() for h in heads]), LayerPlan(heads))
+        plan = plans.setdefault(json.dumps([h.to_dict() for h in heads]), LayerPlan(heads, state.resources))
         LAYERS[module] = LayerState(layer, plan, state, tuple(shard.q_heads))
-    _PATCHED[model] = (previous, state, modules)
+    MODELS[model] = Patched(previous, state, modules)
     model.set_attn_implementation(ATTN_NAME)
+    return cfg
+
+
+def resolve_config(
+    model,
+    config: str | Path | dict | SparseConfig | None = None,
+    *,
+    mode: str = "config",
+    gamma: float | None = None,
+    tau: float | None = None,
+    slash_select: str | None = None,
+    force: bool = False,
+) -> SparseConfig:
+    """The config :func:`patch_model` would use for ``model`` with these arguments, checked against the model; the
+    model is not touched.
+
+    Args and raises: as for :func:`patch_model` (its other arguments do not change the config).
+    """
+    adapter = adapter_for(model, force)
+    return _resolve(adapter.model_info(model), config, mode, gamma, tau, slash_select)
+
+
+def _resolve(info: ModelInfo, config, mode: str, gamma, tau, slash_select) -> SparseConfig:
+    if mode not in MODES:
+        raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
+    if mode == "adaptive" and config is not None:
+        raise ValueError(
+            "config: must be None with mode='adaptive' (every head is adaptive); for a config with "
+            "adaptive heads use mode='config'"
+        )
+    overrides = {name: check_unit(v, name, name) for name, v in (("gamma", gamma), ("tau", tau)) if v is not None}
+    if slash_select not in (None, *CHOICES["slash_select"]):
+        raise ValueError(f"slash_select: must be one of {CHOICES['slash_select']}, got {slash_select!r}")
+    vs_overrides = {} if slash_select is None else {"slash_select": slash_select}
+    if mode == "adaptive":
+        cfg = SparseConfig.uniform(info, "adaptive", **overrides)
+        cfg.provenance = {"tool": "patch_model(mode='adaptive')"}
+    else:
+        cfg = with_head_params(config_from(config, info), "adaptive", overrides)
+    cfg = with_head_params(cfg, "vertical_slash", vs_overrides)
+    cfg.check_model(info)
     return cfg
 
 
@@ -238,37 +276,54 @@ def with_head_params(config: SparseConfig, pattern: str, params: dict) -> Sparse
     return dataclasses.replace(config, layers=layers)
 
 
-def _drop_layers(model) -> None:
-    for module in _PATCHED[model][2]:
-        LAYERS.pop(module, None)
+def patch_module(
+    module: torch.nn.Module,
+    heads: list[HeadSpec],
+    *,
+    min_seq_len: int | str = 0,
+    backend: str = "auto",
+    dense_backend: str = "auto",
+) -> PatchState:
+    """Route one attention module's calls of :func:`~sparse_prefill.dispatch.sparse_prefill_attention` through the
+    given head specs (one per query head), as layer 0 of a patch of its own, outside any model (benchmarks of one
+    layer). Returns the patch's state: its ``records[0]`` is the module's last call. :func:`unpatch_module` undoes it.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
+    check_min_seq_len(min_seq_len, "min_seq_len")
+    unpatch_module(module)
+    state = PatchState(min_seq_len=min_seq_len, backend=backend, dense_backend=dense_backend)
+    LAYERS[module] = LayerState(0, LayerPlan(heads, state.resources), state, tuple(range(len(heads))))
+    return state
+
+
+def unpatch_module(module: torch.nn.Module) -> None:
+    """Undo :func:`patch_module`, releasing what its patch allocated. A no-op if not patched."""
+    layer = LAYERS.pop(module, None)
+    if layer is not None:
+        layer.plan.release()
+        layer.patch.resources.release()
+
+
+def _release(patched: Patched) -> None:
+    """Detach a patch from its modules and free what it allocated: cached indices, CUDA graphs, their memory pools and
+    workspaces, cached constants."""
+    for module in patched.modules:
+        layer = LAYERS.pop(module, None)
+        if layer is not None:
+            layer.plan.release()
+    patched.state.resources.release()
 
 
 def unpatch_model(model) -> None:
-    """Restore the attention implementation the model had before :func:`patch_model`. A no-op if not patched."""
-    if model not in _PATCHED:
+    """Restore the attention implementation the model had before :func:`patch_model`, and free everything the patch
+    allocated (plans, CUDA graphs and their memory, cached constants). A no-op if not patched."""
+    patched = MODELS.pop(model, None)
+    if patched is None:
         return
-    previous = _PATCHED[model][0]
-    _drop_layers(model)
-    del _PATCHED[model]
-    model.set_attn_implementation(previous)
+    _release(patched)
+    model.set_attn_implementation(patched.previous)
 
 
 def is_patched(model) -> bool:
-    return model in _PATCHED
-
-
-def last_report(model) -> list[LayerRecord]:
-    """Per layer, what its last prefill call did: path ("sparse" / "dense"), why, the pattern each head ran
-    (``adaptive:<pattern>`` for adaptive heads, per sample in ``choices``) and tile density.
-
-    ``heads`` are the global ids of the heads this process ran (all of them unless the model is tensor-parallel; then
-    :func:`sparse_prefill.parallel.gather_report` collects every rank's)."""
-    if model not in _PATCHED:
-        raise ValueError("model: not patched by sparse_prefill")
-    records = _PATCHED[model][1].records
-    return [records[i] for i in sorted(records)]
-
-
-def report_json(model) -> str:
-    """:func:`last_report` as JSON (densities per sample and head)."""
-    return json.dumps([r.to_dict() for r in last_report(model)])
+    return model in MODELS

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from naive import adaptive_head, cover_set, frame, mask_from_sets
 
 from conftest import assert_close, spec
-from sparse_prefill.adaptive import CHOICES, adaptive_sets, cover
-from sparse_prefill.estimate import block_diagonal_mass, build_index
-from sparse_prefill.index import block_mask, col_mask, token_mask
-from sparse_prefill.reference import attention_ref, sparse_attention_torch
+from sparse_prefill.blockwise import sparse_attention_torch
+from sparse_prefill.masks import block_mask, col_mask, token_mask
+from sparse_prefill.plan import build_index
+from sparse_prefill.plan.adaptive import CHOICES, adaptive_sets, cover
+from sparse_prefill.plan.vertical_slash import block_diagonal_mass
+from sparse_prefill.reference import attention_ref
 from test_index import qkv
 
 
@@ -46,7 +48,7 @@ def test_cover_keeps_the_fewest_entries_that_reach_gamma():
 def test_a_heavy_sink_leaves_gamma_to_the_rest(gamma, want):
     """95 % of the last queries' attention on the sink: gamma 0.9 of the whole would keep the sink alone; the columns
     reach 0.95 + 0.9 x 0.05 instead (gamma 1: every column with mass)."""
-    from sparse_prefill.adaptive import _Geometry, vertical_slash_cover
+    from sparse_prefill.plan.adaptive import _Geometry, vertical_slash_cover
 
     S = 512
     vertical = torch.zeros(1, 1, S)
@@ -229,7 +231,7 @@ def test_cover_rows_kernel_equals_the_torch_rows(N, M):
     """The Triton row kernel (interpreted without CUDA) keeps the torch ranking's sets, ascending, and skips the rows
     of unflagged heads."""
     pytest.importorskip("triton")
-    from sparse_prefill.adaptive import cover_rows_torch
+    from sparse_prefill.plan.adaptive import cover_rows_torch
     from sparse_prefill.kernels import cover_rows_triton
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -269,7 +271,7 @@ def test_cover_columns_kernel_equals_the_torch_columns(Sk, starts):
     """The Triton column kernel (interpreted without CUDA) keeps the torch ranking's columns, ascending, with the same
     tiles and sink-aware gamma, whatever the sinks' share, padding or gamma."""
     pytest.importorskip("triton")
-    from sparse_prefill.adaptive import cover_columns_torch
+    from sparse_prefill.plan.adaptive import cover_columns_torch
     from sparse_prefill.kernels import cover_columns_triton
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -298,8 +300,12 @@ def test_cover_columns_kernel_equals_the_torch_columns(Sk, starts):
 def _js_both(Sq, Sk, starts, dtype, dev, D=64):
     """(kernel, torch) query-aware JS of 3 heads of different ``last_q`` on 2 KV heads (one unselected query
     head in between), from real vertical scores."""
-    from sparse_prefill.adaptive import query_aware_js
-    from sparse_prefill.estimate import block_means, const, vertical_slash_scores
+    from sparse_prefill.plan.adaptive import query_aware_js
+    from sparse_prefill.plan.common import block_means
+    from sparse_prefill.plan.vertical_slash import vertical_slash_scores
+    from sparse_prefill.state import Resources
+
+    const = Resources().const
     from sparse_prefill.kernels import query_aware_js_triton
 
     g = torch.Generator().manual_seed(Sk)

@@ -25,8 +25,9 @@ from sparse_prefill.config import (
     load_config,
     save_config,
 )
-from sparse_prefill.estimate import build_index
-from sparse_prefill.index import tile_density, token_mask
+from sparse_prefill.masks import token_mask
+from sparse_prefill.plan import build_index
+from sparse_prefill.report import tile_density
 
 S, D = 1024, 64
 

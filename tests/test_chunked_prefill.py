@@ -20,9 +20,9 @@ from transformers import DynamicCache
 
 from conftest import assert_close, tiny_model
 from sparse_prefill import SparseConfig, last_report, patch_model
-from sparse_prefill import attention as sp_attention
+from sparse_prefill import state as sp_state
 from sparse_prefill.config import FORMAT
-from sparse_prefill.index import block_mask, col_mask, token_mask
+from sparse_prefill.masks import block_mask, col_mask, token_mask
 from sparse_prefill.models import cache_kwarg
 from sparse_prefill.patches import adapter_for
 
@@ -61,8 +61,8 @@ def test_generate_prefills_chunk_by_chunk_through_the_sparse_path(monkeypatch):
         calls.append((q_len, kv_len, type(mask).__name__))
         return read_layout(mask, batch, q_len, kv_len)
 
-    read_layout = sp_attention.read_layout
-    monkeypatch.setattr(sp_attention, "read_layout", spy)
+    read_layout = sp_state.read_layout
+    monkeypatch.setattr(sp_state, "read_layout", spy)
     kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
     ids = IDS[:, :300]
     with torch.no_grad():

@@ -10,8 +10,9 @@ from transformers import AutoConfig
 
 from sparse_prefill.config import ConfigError, ModelInfo, load_config
 from sparse_prefill.convert import convert_minference, main
-from sparse_prefill.estimate import build_index
-from sparse_prefill.index import BLOCK, token_mask
+from sparse_prefill.index import BLOCK
+from sparse_prefill.masks import token_mask
+from sparse_prefill.plan import build_index
 
 INFO = ModelInfo("tiny", "llama", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
 # One layer of each kind of head: free top-k picks above the forced entries, budgets under MInference's floors (and a

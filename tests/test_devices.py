@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import assert_close, tiny_model
 from sparse_prefill import ConfigError, SparseConfig, is_patched, last_report, load_config, patch_model
 from sparse_prefill import devices
-from sparse_prefill.attention import dense_attention, flash_attention, flash_unsupported
+from sparse_prefill.dense import dense_attention, flash_attention, flash_unsupported
 from sparse_prefill.patches import adapter_for
 
 IDS = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(2))

@@ -7,8 +7,10 @@ import torch
 from naive import block_mass, block_sparse_sets, slash_block_diagonals, top_set, vertical_slash_scores
 
 from conftest import spec
-from sparse_prefill.estimate import build_index, diagonal_sums
-from sparse_prefill.index import block_mask, col_mask, query_offsets, token_mask
+from sparse_prefill.index import query_offsets
+from sparse_prefill.masks import block_mask, col_mask, token_mask
+from sparse_prefill.plan import build_index
+from sparse_prefill.plan.vertical_slash import diagonal_sums
 from test_index import qkv
 
 
@@ -151,8 +153,7 @@ def test_gpu_builds_the_cpu_index(S):
 def test_gpu_graph_replays_give_each_call_its_own_index(monkeypatch):
     """The select stage replayed as a CUDA graph equals the eager one on every call, also when two plans share the
     workspace and their calls interleave, and an index handed out earlier is not overwritten by later replays."""
-    from sparse_prefill import estimate
-    from sparse_prefill.estimate import LayerPlan
+    from sparse_prefill.plan import LayerPlan, graphs
 
     plans = [
         LayerPlan([spec("vertical_slash", vertical=200, slash=600), spec("block_sparse", top_k=6)] * 4),
@@ -164,7 +165,7 @@ def test_gpu_graph_replays_give_each_call_its_own_index(monkeypatch):
     got = [plan.index(q, k, 0.125, [0, 300]) for q, k in inputs for plan in plans]  # call 2 of each plan captures
     got += [plan.index(q, k, 0.125, [0, 300]) for q, k in inputs[:2] for plan in plans]
     assert all(p._static[next(iter(p._static))]["graphed"].graph is not None for p in plans)
-    monkeypatch.setattr(estimate, "CUDA_GRAPHS", False)
+    monkeypatch.setattr(graphs, "CUDA_GRAPHS", False)
     eager = [LayerPlan(plan.heads).index(q, k, 0.125, [0, 300]) for q, k in inputs + inputs[:2] for plan in plans]
     for g, e in zip(got, eager):
         for name in ("diag_mask", "col_idx", "col_cnt", "col_row_cnt", "blk_idx", "blk_cnt", "choice"):
@@ -172,11 +173,11 @@ def test_gpu_graph_replays_give_each_call_its_own_index(monkeypatch):
                 getattr(g, name), getattr(e, name)
             ), name
     # The shared memory pool outlives the plans whose graphs used it: a later plan still captures.
-    monkeypatch.setattr(estimate, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(graphs, "CUDA_GRAPHS", True)
     del plans, got
     gc.collect()
     later = LayerPlan([spec("vertical_slash")] * 8)
     for q, k in inputs[:3]:
         later.index(q, k, 0.125, [0, 300])
     assert later._static[next(iter(later._static))]["graphed"].graph is not None
-    assert not estimate._GraphedSelect.broken
+    assert not graphs.GraphedSelect.broken

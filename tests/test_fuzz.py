@@ -8,9 +8,10 @@ from naive import mask_from_sets
 from test_adaptive import check_against_loops
 
 from conftest import assert_close, spec
-from sparse_prefill.estimate import build_index
-from sparse_prefill.index import token_mask
-from sparse_prefill.reference import attention_ref, sparse_attention_torch
+from sparse_prefill.blockwise import sparse_attention_torch
+from sparse_prefill.masks import token_mask
+from sparse_prefill.plan import build_index
+from sparse_prefill.reference import attention_ref
 
 CASES = {"n": 0, "adaptive": 0}
 
@@ -115,7 +116,7 @@ def test_adaptive_heads_follow_the_loop_reference(kv_heads, group, kv_len, chunk
 def test_column_kernel_keeps_the_torch_rankings_columns(kv_len, pads, heads, seed):
     """The Triton column search (interpreted without CUDA) keeps exactly the columns of the torch ranking, for random
     lengths, padding, forced sinks, gamma and peakedness (distinct random scores: no ties to break)."""
-    from sparse_prefill.adaptive import cover_columns_torch
+    from sparse_prefill.plan.adaptive import cover_columns_torch
     from sparse_prefill.kernels import cover_columns_triton
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"

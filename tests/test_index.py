@@ -5,9 +5,12 @@ import torch
 from naive import mask_from_sets, slash_block_diagonals
 
 from conftest import TOLERANCES, assert_close, spec
-from sparse_prefill.estimate import build_index
-from sparse_prefill.index import make_index, slash_diagonals, tile_density, token_mask
-from sparse_prefill.reference import attention_ref, sparse_attention_torch
+from sparse_prefill.blockwise import sparse_attention_torch
+from sparse_prefill.index import make_index, slash_diagonals
+from sparse_prefill.masks import token_mask
+from sparse_prefill.plan import build_index
+from sparse_prefill.reference import attention_ref
+from sparse_prefill.report import tile_density
 
 MIXED = [
     spec("vertical_slash", vertical=12, slash=40, last_q=16, force_vertical=4, force_slash=8),
@@ -96,7 +99,7 @@ def test_column_counts_per_query_block_ignore_list_padding():
 
 @pytest.mark.parametrize("n,chunk", [(1000, 64), (64, 64), (5, 8)])
 def test_chunked_cumsum_is_a_cumsum(n, chunk):
-    from sparse_prefill.index import chunked_cumsum
+    from sparse_prefill.ops import chunked_cumsum
 
     x = torch.rand(2, 3, n, generator=torch.Generator().manual_seed(n))
     assert_close(chunked_cumsum(x, chunk), x.cumsum(-1), 1e-4, 1e-6)

@@ -13,9 +13,12 @@ pytest.importorskip("triton")
 
 from conftest import assert_close
 
-from sparse_prefill.index import ascending, block_bases, cdiv, make_index, query_offsets, token_mask
+from sparse_prefill.blockwise import sparse_attention_torch
+from sparse_prefill.index import block_bases, make_index, query_offsets
 from sparse_prefill.kernels import sparse_attention_triton, supports
-from sparse_prefill.reference import attention_ref, sparse_attention_torch
+from sparse_prefill.masks import token_mask
+from sparse_prefill.ops import ascending, cdiv
+from sparse_prefill.reference import attention_ref
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -150,7 +153,7 @@ def test_empty_rows_are_zero():
 def test_dense_heads_on_sdpa_next_to_the_kernel(dense):
     """Heads dropped from the index (zeros from the kernel) and computed by SDPA, one call per KV head, give the
     whole index's attention; also with left padding (its bool mask) and chunked prefill (q_len < kv_len)."""
-    from sparse_prefill.attention import dense_heads_into
+    from sparse_prefill.dense import dense_heads_into
     from sparse_prefill.index import drop_heads
 
     kinds = ["dense" if h in dense else ("vs", "blocks")[h % 2] for h in range(6)]

@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_close, spec, tiny_model
 from sparse_prefill import SparseConfig, last_report, patch_model, report_json, save_config, unpatch_model
-from sparse_prefill.attention import sparse_prefill_attention
-from sparse_prefill.parallel import gather_report, head_shard, shard_heads
+from sparse_prefill.dispatch import sparse_prefill_attention
+from sparse_prefill.parallel import head_shard, shard_heads
+from sparse_prefill.report import gather_report
 from sparse_prefill.patches import adapter_for
 
 ROOT = Path(__file__).resolve().parents[1]

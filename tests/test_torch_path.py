@@ -7,8 +7,11 @@ import torch
 from test_kernels import qkv, random_index
 
 from conftest import TOLERANCES, assert_close
-from sparse_prefill.index import query_offsets, tile_density, token_mask
-from sparse_prefill.reference import attention_ref, sparse_attention_torch
+from sparse_prefill.blockwise import sparse_attention_torch
+from sparse_prefill.index import query_offsets
+from sparse_prefill.masks import token_mask
+from sparse_prefill.reference import attention_ref
+from sparse_prefill.report import tile_density
 
 ALL = ["vs", "blocks", "dense", "diag", "empty", "vs"]
 

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 from conftest import assert_close
 
-from sparse_prefill.estimate import block_diagonal_mass, vertical_slash_scores_torch
+from sparse_prefill.plan.vertical_slash import block_diagonal_mass, vertical_slash_scores_torch
 from sparse_prefill.kernels import vertical_slash_scores_triton
 
 CUDA = torch.cuda.is_available()

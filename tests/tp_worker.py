@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
 from sparse_prefill import last_report, patch_model
-from sparse_prefill.parallel import gather_report, head_shard
+from sparse_prefill.parallel import head_shard
+from sparse_prefill.report import gather_report
 from sparse_prefill.patches import adapter_for
 
 

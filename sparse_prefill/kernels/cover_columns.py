@@ -1,4 +1,5 @@
-"""Triton kernels for the key columns of adaptive vertical-slash heads (:func:`sparse_prefill.adaptive.cover` per head).
+"""Triton kernels for the key columns of adaptive vertical-slash heads (:func:`sparse_prefill.plan.adaptive.cover` per
+head).
 
 Each (sample, head) has one row of vertical scores as long as the keys (128K at 128K tokens). Ranking it takes a
 full sort in torch, and turning the kept ranks back into ascending columns a scatter and a prefix sum: a dozen
@@ -16,7 +17,8 @@ fits in registers). A row here does not, so the search is spread over chunks of 
 3. A write pass: each chunk's kept columns at their place in the row's ascending list (after the earlier chunks'),
    and ``-1`` past the list's end.
 
-The target is sink-aware, as in :func:`~sparse_prefill.adaptive.cover_columns_torch`: with ``s`` the forced columns'
+The target is sink-aware, as in :func:`~sparse_prefill.plan.adaptive.cover_columns_torch`: with ``s`` the forced
+columns'
 share of the row, the set reaches ``s + gamma (1 - s)`` of it (``gamma >= 1``: every column with mass).
 """
 
@@ -26,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attention import _INTERPRET
+from .common import INTERPRET, device_reason
 
 # 16 points per pass (8 passes: 16^8 >= 2^31 bit patterns): on an H200 at 128K keys, 0.21 ms for 32 rows, against
 # 0.27 ms with 32 points and 1.1 ms for the torch ranking.
@@ -125,6 +127,12 @@ def _cover_pass(V, starts_ptr, force_ptr, gamma_ptr, per_col_ptr, Stats, Part, C
                 tl.store(Gammas + row, gamma)
 
 
+def supports(x: torch.Tensor) -> str | None:
+    """None when :func:`cover_columns_triton` takes scores like ``x`` (any shape its arguments allow on CUDA), else why
+    not."""
+    return device_reason(x)
+
+
 def cover_columns_triton(
     vertical: torch.Tensor, starts: torch.Tensor, force: torch.Tensor, gamma: torch.Tensor, per_col: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,7 +157,7 @@ def cover_columns_triton(
     if cols.numel() == 0:
         return cols, tiles, gammas
     # Chunks of at least 4096 columns (256 interpreted), at most 64 per row: a program sums its row's partials.
-    chunk = 256 if _INTERPRET else max(4096, triton.next_power_of_2(triton.cdiv(Sk, 64)))
+    chunk = 256 if INTERPRET else max(4096, triton.next_power_of_2(triton.cdiv(Sk, 64)))
     n_chunks = triton.cdiv(Sk, chunk)
     NCH = triton.next_power_of_2(n_chunks)
     stats = torch.zeros(B * H, NCH, 2, dtype=torch.float32, device=dev)  # (total, forced) per chunk

@@ -1,4 +1,4 @@
-"""Triton kernel for the block lists of query-aware adaptive heads (:func:`sparse_prefill.adaptive.cover` per row).
+"""Triton kernel for the block lists of query-aware adaptive heads (:func:`sparse_prefill.plan.adaptive.cover` per row).
 
 For each (head, query block) row of pooled scores: causal softmax over key blocks, then the smallest set of key blocks
 that holds the forced ones and reaches ``gamma`` of the row's mass, written as an ascending list. Heads whose flag is
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .common import device_reason
 
 
 @triton.jit
@@ -58,6 +60,12 @@ def _cover_rows(
     pos = tl.cumsum(keep.to(tl.int32), 0) - 1
     tl.store(out_ptr + i.to(tl.int64) * stride_oh + m.to(tl.int64) * stride_om + pos, j, mask=keep & (pos < K))
     tl.store(count_ptr + i * tl.num_programs(0) + m, tl.sum(keep.to(tl.int32), 0))
+
+
+def supports(x: torch.Tensor) -> str | None:
+    """None when :func:`cover_rows_triton` takes scores like ``x`` (any shape its arguments allow on CUDA), else why
+    not."""
+    return device_reason(x)
 
 
 def cover_rows_triton(

@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..index import BLOCK
-from .sparse_attention import _INTERPRET
+from .common import BLOCK, INTERPRET, device_reason, head_dim_reason
 
 
 @triton.jit
@@ -59,10 +58,9 @@ def _pooled_scores(PQ, PK, Out, top_ptr, flag_ptr, M, N, GROUP,
              mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
-def pooled_supported(x: torch.Tensor) -> bool:
-    """Whether the estimators should use these kernels for a q/k like ``x`` (else torch pools and multiplies)."""
-    D = x.shape[-1]
-    return x.is_cuda and 16 <= D <= 256 and D % 16 == 0
+def supports(x: torch.Tensor) -> str | None:
+    """None when these kernels take a q or k like ``x`` [..., S, D], else why not (torch pools and multiplies)."""
+    return device_reason(x) or head_dim_reason(x.shape[-1], 256)
 
 
 def mean_pool_triton(x: torch.Tensor, flag: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,7 +107,7 @@ def pooled_scores_triton(pq: torch.Tensor, pk: torch.Tensor, top: torch.Tensor, 
     _pooled_scores[grid](
         pq, pk, out, top.to(torch.int32).contiguous(), flag.to(torch.int32).contiguous(), M, N, H // pk.shape[0],
         pq.stride(0), pq.stride(1), pk.stride(0), pk.stride(1), out.stride(0), out.stride(1),
-        BM=BM, BN=BN, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), PREC="ieee" if _INTERPRET else "tf32x3",
+        BM=BM, BN=BN, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), PREC="ieee" if INTERPRET else "tf32x3",
         num_warps=4,
     )
     return out

@@ -1,4 +1,4 @@
-"""Triton kernels for the adaptive heads' query-aware test (:func:`sparse_prefill.adaptive.query_aware_js`).
+"""Triton kernels for the adaptive heads' query-aware test (:func:`sparse_prefill.plan.adaptive.query_aware_js`).
 
 Per (sample, head) the test compares two distributions over the sample's key blocks: the last queries' true
 attention per block (their vertical scores summed per block) and softmax of their mean query against each block's
@@ -18,7 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..index import BLOCK
+from .common import BLOCK
+from .pooled import supports  # it reads what the pooled kernels make of the same q/k
+
+__all__ = ["query_aware_js_triton", "supports"]
 
 
 @triton.jit
@@ -110,7 +113,7 @@ def query_aware_js_triton(
         q: (batch_size, nheads, seqlen_q, headdim) fp16/bf16/fp32 queries, unit stride on headdim.
         vertical: (batch_size, nsel, seqlen_k) fp32 vertical scores of the selected heads, per tensor column.
         pooled_k: (batch_size, nheads_k, nblocks, headdim) fp32 block means of the keys in each sample's own grid
-            (:func:`~sparse_prefill.estimate.block_means`), nblocks >= ceil(seqlen_k / 64).
+            (:func:`~sparse_prefill.plan.common.block_means`), nblocks >= ceil(seqlen_k / 64).
         heads: integer tensor (nsel,) on q's device: the selected query heads (head i reads KV head
             i // (nheads / nheads_k)).
         last_q: integer tensor (nsel,) on q's device: how many of the last queries each selected head uses.

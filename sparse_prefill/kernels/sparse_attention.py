@@ -7,17 +7,13 @@ softmax. A loop a head does not use has zero trips and costs nothing.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..index import BLOCK, SparseIndex
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_LOG2E = 1.4426950408889634
+from ..index import SparseIndex
+from .common import BLOCK, INTERPRET, LOG2E, device_reason, head_dim_reason
 
 
 @triton.jit
@@ -103,7 +99,7 @@ def _configs():
     # The interpreter cannot autotune several configs. On the GPU: one warpgroup per 64 query rows (8 warps split
     # the tiles and ran 2x slower on H200), and 2-3 stages (deeper pipelines cost occupancy: 2 was best for D=64
     # and D=128 on H200).
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
     return [triton.Config({}, num_warps=4, num_stages=s) for s in (2, 3)]
 
@@ -205,12 +201,14 @@ def _tma_ready(t: torch.Tensor) -> bool:
 
 def supports(q: torch.Tensor, k: torch.Tensor) -> str | None:
     """None when :func:`sparse_attention_triton` can run on these inputs, else a short reason."""
-    if not (q.is_cuda or _INTERPRET):
-        return "not a CUDA tensor"
-    dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if _INTERPRET else ())
+    if not INTERPRET and (reason := device_reason(q)):
+        return reason
+    dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if INTERPRET else ())
     if q.dtype not in dtypes or k.dtype != q.dtype:
         return f"dtype {q.dtype}"
-    if q.shape[-1] % 16 or not 16 <= q.shape[-1] <= 128 or k.shape[-1] != q.shape[-1]:
+    if reason := head_dim_reason(q.shape[-1], 128):
+        return reason
+    if k.shape[-1] != q.shape[-1]:
         return f"head_dim {q.shape[-1]}"
     if q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads over {k.shape[1]} KV heads"
@@ -286,7 +284,7 @@ def sparse_attention_triton(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         Sq, Sk, H, H // Hkv, M, N, ncol, nblk,
-        scale * _LOG2E,
+        scale * LOG2E,
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CHUNK=256,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )

@@ -11,7 +11,8 @@ MInference's estimate is ``softmax(q[-L:] @ k.T)`` summed per key column (vertic
    the adds land in).
 
 Heads that rank whole block diagonals (``by_block``) need only each block diagonal's share of the diagonal sums
-(:func:`~sparse_prefill.estimate.block_diagonal_mass`): offset ``o`` adds to block diagonal ``d`` with the weight
+(:func:`~sparse_prefill.plan.vertical_slash.block_diagonal_mass`): offset ``o`` adds to block diagonal ``d`` with the
+weight
 ``max(0, 1 - |u / BLOCK - d|)``, ``u = o + BLOCK * (r > 0) - r`` and ``r`` the first query row's position modulo
 BLOCK (the share of a block's rows whose offset ``o`` falls in that key block). Those weights are applied to the
 tile's probabilities in registers, summed into the few block diagonals a tile reaches, and carried from tile to tile
@@ -29,14 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..index import BLOCK
-from .sparse_attention import _INTERPRET, _LOG2E
+from .common import BLOCK, FLOAT_DTYPES, INTERPRET, LOG2E, device_reason
 
 MAX_LAST_Q = 128  # rows held in one tile; longer estimates take the torch path
 # Runs of key tiles per row at most: their row statistics are combined in one [MAX_SPLITS, rows] load, laid out for
 # this many whatever the length, so that one compilation serves every length.
 MAX_SPLITS = 64
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -192,10 +191,16 @@ def _num_sms(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def scores_supported(q: torch.Tensor, rows: int) -> bool:
-    """Whether :func:`vertical_slash_scores_triton` takes this input (else the torch path computes the scores)."""
-    D = q.shape[-1]
-    return q.is_cuda and rows <= MAX_LAST_Q and D >= 16 and D % 16 == 0 and q.dtype in _DTYPES
+def supports(q: torch.Tensor, rows: int) -> str | None:
+    """None when :func:`vertical_slash_scores_triton` takes ``rows`` last queries of ``q``, else why not (the torch
+    path computes the scores)."""
+    if reason := device_reason(q):
+        return reason
+    if rows > MAX_LAST_Q:
+        return f"{rows} estimation queries (at most {MAX_LAST_Q})"
+    if q.shape[-1] % 16 or q.shape[-1] < 16:
+        return f"head_dim {q.shape[-1]}"
+    return None if q.dtype in FLOAT_DTYPES else f"dtype {q.dtype}"
 
 
 def vertical_slash_scores_triton(
@@ -227,7 +232,7 @@ def vertical_slash_scores_triton(
         over head i's last queries.
         slash: (batch_size, nsel, seqlen_k) fp32, slash[b, i, o] sums those at offset o = query position - key
         position; with ``by_block`` (batch_size, nsel, ceil(seqlen_k / BLOCK)), their
-        :func:`~sparse_prefill.estimate.block_diagonal_mass`.
+        :func:`~sparse_prefill.plan.vertical_slash.block_diagonal_mass`.
     """
     B, _, Sq, D = q.shape
     Sk = k.shape[2]
@@ -256,7 +261,7 @@ def vertical_slash_scores_triton(
     # the same sum).
     reach = (BLOCK_L + BLOCK_N + BLOCK - 3) // BLOCK + 2
     min_run = triton.cdiv(reach, BLOCK_N // BLOCK) - 1 if by_block else 1
-    sms = 4 if _INTERPRET else _num_sms(q.device.index or 0)
+    sms = 4 if INTERPRET else _num_sms(q.device.index or 0)
     # About 8 programs per SM, each over a run of at least 1/MAX_SPLITS of the key tiles.
     per_split = max(triton.cdiv(n_tiles * B * NH * row_tiles, 8 * sms), triton.cdiv(n_tiles, MAX_SPLITS), min_run)
     n_splits = triton.cdiv(n_tiles, per_split)
@@ -267,7 +272,7 @@ def vertical_slash_scores_triton(
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     group = q.shape[1] // k.shape[1]
-    qk_scale = scale * _LOG2E
+    qk_scale = scale * LOG2E
     grid = (B * NH * row_tiles, n_splits)
     d_pad = triton.next_power_of_2(D)  # tile shapes are powers of two; the padding dims load as zeros
     _row_stats[grid](

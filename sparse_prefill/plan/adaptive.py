@@ -4,62 +4,38 @@ A head whose config entry is ``{"pattern": "adaptive"}`` has no fixed pattern or
 package's index format). On every prefill call, for each sample and head:
 
 1. **Estimate.** The last ``last_q`` queries' exact causal softmax over all keys, summed per key column (vertical
-   scores ``v``) and per diagonal offset (slash scores ``s``):
-   :func:`~sparse_prefill.estimate.vertical_slash_scores`, the estimate static vertical-slash heads use.
+   scores ``v``) and per block diagonal (:func:`~sparse_prefill.plan.vertical_slash.vertical_slash_scores`, the
+   estimate static vertical-slash heads use).
 2. **Query-aware test.** ``a`` = the vertical scores summed per key block and normalised: where those queries really
    attend, per block. ``â`` = softmax over key blocks of (their mean query) · (each key block's mean key) × scale:
    what pooled q·k predicts. If ``sqrt(JS(a, â)) < tau`` (Jensen–Shannon divergence with natural logs, so it lies in
    [0, sqrt(ln 2)] ≈ [0, 0.83]), pooled q·k can be trusted: the head is *query-aware block-sparse*; otherwise
    *vertical-slash*. ``tau = 0`` never picks block-sparse.
-3. **Budgets: the fewest entries, after a forced minimum, whose estimated mass reaches ``gamma``.** Entries are ranked
-   forced first, then by mass; the set is the shortest prefix whose mass (forced ones included) reaches ``gamma`` ×
-   the total (:func:`cover`).
+3. **Budgets: the fewest entries, after a forced minimum, whose estimated mass reaches ``gamma``** (:func:`cover`).
 
-   * vertical-slash: single key columns ranked by ``v``, and block diagonals ranked by the share of ``s`` they cover
-     (:func:`~sparse_prefill.estimate.block_diagonal_mass`, the kernel computes slashes as whole block diagonals; on
-     CUDA the estimate sums these shares directly),
-     each to ``gamma`` of its own total. Forced: the first ``force_vertical`` columns (attention sinks) and the block
-     diagonals of the ``max(1, force_slash)`` nearest offsets (the local window, and always the own diagonal block).
-     Both reach ``gamma`` of the attention the sinks leave: with ``s`` the sinks' share of ``v``, ``s + gamma (1 -
-     s)`` of their totals. Many heads put 90-99 % of their attention on the first token, whose value is near zero;
-     ``gamma`` of the whole is then met by the sinks (and the diagonals they fall on) alone, dropping the keys that
-     carry the output (on SmolLM2 this lost the 8K multi-key needle).
+   * vertical-slash: single key columns ranked by ``v``, and block diagonals ranked by the share of slash mass they
+     cover, each to ``gamma`` of its own total. Forced: the first ``force_vertical`` columns (attention sinks) and the
+     block diagonals of the ``max(1, force_slash)`` nearest offsets. Both reach ``gamma`` of the attention the sinks
+     leave (``s + gamma (1 - s)`` with ``s`` the sinks' share): a head that puts nearly all its attention on the first
+     token, whose value is near zero, would otherwise meet ``gamma`` with the sinks alone and drop the keys that
+     carry its output.
    * block-sparse: per query block, key blocks ranked by the softmax of pooled q·k over its causal key blocks.
-     Forced: the blocks of the first ``force_vertical`` keys and of the ``max(1, force_slash)`` keys nearest to
-     the block's rows (so its own diagonal blocks). A row may keep at most ``max_blocks`` key blocks (this sizes the
-     index); a head with a row that needs more is not query-aware and takes vertical-slash.
-4. **Dense.** If the chosen sets' estimated tile density reaches ``dense_above``, the head is diffuse: it runs
-   dense (every block diagonal). The estimate counts whole tiles exactly; each column as 1/BLOCK of a tile per query
-   block that sees it (an upper bound: columns inside chosen diagonal blocks count again).
+     Forced: the blocks of the first ``force_vertical`` keys and of the ``max(1, force_slash)`` keys nearest to the
+     block's rows. A row may keep at most ``max_blocks`` key blocks (this sizes the index); a head with a row that
+     needs more is not query-aware and takes vertical-slash.
+4. **Dense.** If the chosen sets' estimated tile density reaches ``dense_above``, the head runs dense (every block
+   diagonal). The estimate counts whole tiles exactly, and each column as 1/BLOCK of a tile per query block that sees
+   it (an upper bound).
 
-The result feeds the same index as static heads (:func:`~sparse_prefill.index.make_index`): a vertical-slash choice
-fills ``cols`` and ``diag``, a block-sparse choice ``blocks``, a dense choice every diagonal, and the other fields of
-that (sample, head) stay empty. So every backend (Triton kernel, blockwise torch, fp32 reference) runs adaptive heads
-unchanged.
+The result feeds the same index as static heads: a vertical-slash choice fills ``cols`` and ``diag``, a block-sparse
+choice ``blocks``, a dense choice every diagonal. So every backend runs adaptive heads unchanged.
 
-The work is split as :class:`~sparse_prefill.estimate.LayerPlan`'s stages: :func:`measure` reads q and k once (the
-scores of step 1, the test of step 2, block means of k and of the queries of the heads that passed it; on CUDA
-the test is two Triton launches, :mod:`sparse_prefill.kernels.query_aware_js`, as measure runs outside the graph),
-:func:`choose` does the rest from those alone, so on CUDA it is replayed as a CUDA graph (at 128K keys on an H200 the
-index of a Llama-3-8B layer went from 26 to 8 ms: launching its kernels one by one cost more host time than the GPU
-spent running them). Everything is batched on the device of q/k with no host synchronisation: budgets that differ
-per (sample, head, row) are masks over one ranking (sort / ``topk`` + ``cumsum``), never ``.item()``. On CUDA Triton
-kernels find the sets without sorting: the key columns (:mod:`sparse_prefill.kernels.cover_columns`, a threshold
-search over each [Sk] row: 0.2 ms instead of 1.1 ms for 32 heads at 128K), and the block-sparse rows
-(:mod:`sparse_prefill.kernels.cover_rows`), which return at once for heads whose test said vertical-slash, as do
-their block means of q and pooled scores (:mod:`sparse_prefill.kernels.pooled`), so only query-aware heads pay for
-pooling, scoring and ranking their rows; the torch path (CPU, and the kernels' reference) does every head. Memory
-follows the static estimators: the last queries' probabilities one KV head run at a time (inside
-``vertical_slash_scores``), pooled block scores [heads of a KV-head run, M, N] one sample at a time, block means of
-q and k (fp32, 1/32 of their bf16 size), [B, h, Sk] for the column lists (and the torch path's ranking) and
-[B, h, M, max_blocks] for the block lists; no S×S buffer.
-
-Defaults (:data:`~sparse_prefill.config.PATTERN_DEFAULTS`): ``gamma`` 0.9 and ``tau`` 0.1 are FlexPrefill's
-(its JS also uses natural logs); ``last_q`` 128 estimation queries (with the static default, 64, SmolLM2's 4K KL to
-dense was 3x higher); the forced minimum (64 sink keys, 128 nearest diagonals) is MInference's floor rounded to whole
-blocks; ``dense_above`` 0.8 sends a head dense when its sets would cost at least 80 % of dense anyway; ``max_blocks``
-0.125 bounds the block lists (on SmolLM2, 0.25 chose the same patterns). Measured on SmolLM2-135M:
-``benchmarks/results/eval_adaptive/`` and the README.
+:func:`measure` reads q and k once (step 1, the test of step 2, block means); :func:`choose` does the rest from those
+alone, so on CUDA the plan replays it as a CUDA graph. Nothing synchronises with the host: budgets that differ per
+(sample, head, row) are masks over one ranking (sort / ``topk`` + ``cumsum``), never ``.item()``. On the Triton
+backend kernels find the sets without sorting (:mod:`~sparse_prefill.kernels.cover_columns`,
+:mod:`~sparse_prefill.kernels.cover_rows`) and skip the heads whose test said vertical-slash; the torch path does
+every head. No S×S buffer is made. Defaults, their sources and measurements: docs/adaptive.md.
 """
 
 from __future__ import annotations
@@ -69,29 +45,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import UNIT, HeadSpec
-from .estimate import _kv_chunks, block_means, const, first_query_rows, per_sample_budgets, vertical_slash_scores
-from .kernels import (
-    cover_columns_triton,
-    cover_rows_triton,
-    pooled_scores_triton,
-    pooled_supported,
-    query_aware_js_triton,
-)
-from .index import (
-    BLOCK,
-    ascending,
-    block_bases,
-    cdiv,
-    cdiv_tensor,
-    cumsum,
-    positions,
-    query_offsets,
-    slash_diagonals,
-)
+from typing import TYPE_CHECKING
+
+from .. import kernels
+from ..index import BLOCK, block_bases, query_offsets, slash_diagonals
+from ..ops import ascending, cdiv, cdiv_tensor, cumsum, positions
+from .common import Ctx, block_means, first_query_rows, kv_chunks, per_sample_budgets
+from .pattern import Pattern, Sets
+from .vertical_slash import vertical_slash_scores
+
+if TYPE_CHECKING:
+    from ..config import HeadSpec
 
 CHOICES = ("vertical_slash", "block_sparse", "dense")  # codes of AdaptiveSets.choice
 VERTICAL_SLASH, BLOCK_SPARSE, DENSE = range(len(CHOICES))
+# Thresholds in a unit interval: name -> (0 allowed, the interval as text for errors).
+UNIT = {"gamma": (False, "(0, 1]"), "tau": (True, "[0, 1]"), "dense_above": (False, "(0, 1]")}
 
 
 @dataclass
@@ -147,9 +116,10 @@ def cover(
     return order, keep, keep.sum(-1)
 
 
-def _param(specs: list[HeadSpec], name: str, device) -> torch.Tensor:
-    """[h] per-head parameter as a cached device tensor (:func:`const`): float32 for the thresholds, else int64."""
-    return const([s.params[name] for s in specs], device, torch.float32 if name in UNIT else torch.long)
+def _param(specs: list[HeadSpec], name: str, device, ctx: Ctx) -> torch.Tensor:
+    """[h] per-head parameter as a cached device tensor (:meth:`Ctx.const`): float32 for the thresholds, else
+    int64."""
+    return ctx.const([s.params[name] for s in specs], device, torch.float32 if name in UNIT else torch.long)
 
 
 @dataclass
@@ -166,8 +136,8 @@ class _Geometry:
     per_col: torch.Tensor  # [B, Sk] query blocks that see local column c
 
     @classmethod
-    def of(cls, q_len: int, kv_len: int, kv_start: list[int], device) -> _Geometry:
-        starts = const(kv_start, device)
+    def of(cls, q_len: int, kv_len: int, kv_start: list[int], device, ctx: Ctx | None = None) -> _Geometry:
+        starts = (ctx or Ctx.default(device)).const(kv_start, device)
         q_start, off = query_offsets(q_len, kv_len, starts)
         M, N = cdiv(q_len, BLOCK), cdiv(kv_len, BLOCK)
         m = torch.arange(M, device=starts.device)
@@ -202,7 +172,7 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def vertical_slash_cover(
-    vertical: torch.Tensor, slash_mass: torch.Tensor, specs: list[HeadSpec], geo: _Geometry
+    vertical: torch.Tensor, slash_mass: torch.Tensor, specs: list[HeadSpec], geo: _Geometry, ctx: Ctx | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The vertical-slash sets of adaptive heads from their [B, h, Sk] vertical scores (tensor frame, as estimated)
     and [B, h, N] slash scores by block diagonal (``vertical_slash_scores(..., by_block=True)``).
@@ -210,17 +180,18 @@ def vertical_slash_cover(
     Returns:
         cols: [B, h, Sk] local columns ascending, -1 past the set. diag: [B, h, N] bool. density: [B, h] estimate.
     """
+    ctx = ctx or Ctx.default(vertical.device)
     B, _, Sk = vertical.shape
     dev = vertical.device
     q_len, starts = geo.q_len, geo.starts
-    args = (vertical, starts, _param(specs, "force_vertical", dev), _param(specs, "gamma", dev), geo.per_col)
-    on_gpu = vertical.is_cuda and cover_columns_triton is not None
+    args = (vertical, starts, _param(specs, "force_vertical", dev, ctx), _param(specs, "gamma", dev, ctx), geo.per_col)
+    triton = ctx.uses(kernels.cover_columns, vertical)
     # Diagonals reach the same sink-aware share of theirs as the columns do (cover_columns_torch says why).
-    cols, col_tiles, gamma = (cover_columns_triton if on_gpu else cover_columns_torch)(*args)
+    cols, col_tiles, gamma = (kernels.cover_columns.cover_columns_triton if triton else cover_columns_torch)(*args)
     col_tiles, gamma = col_tiles / BLOCK, gamma[..., None]
 
     mass = slash_mass.masked_fill(geo.per_diag[:, None, :] == 0, 0.0)  # diagonals that reach no key of the sample
-    nearest = _param(specs, "force_slash", dev).clamp(min=1)[None, :, None]
+    nearest = _param(specs, "force_slash", dev, ctx).clamp(min=1)[None, :, None]
     c = torch.arange(min(Sk, max(max(1, s.params["force_slash"]) for s in specs)), device=dev)  # offsets forced
     forced_s = slash_diagonals(torch.where(c < nearest, c, -1).expand(B, -1, -1), q_len, Sk, starts)
     order, keep, _ = cover(mass, forced_s, gamma)
@@ -265,12 +236,14 @@ def query_aware_js(
     heads: list[int],
     scale: float,
     starts: torch.Tensor,
+    ctx: Ctx | None = None,
 ) -> torch.Tensor:
     """The query-aware test's sqrt JS divergence ([B, h]), every head at once: the mean of each head's last
     ``last_q`` valid queries against the pooled keys (softmax over the sample's key blocks) vs. those queries' true
     attention per key block (``vertical`` [B, h, Sk] summed per block of the sample's grid). ``pooled_k``:
-    :func:`~sparse_prefill.estimate.block_means` of the keys. The torch path, and the reference of
+    :func:`~sparse_prefill.plan.common.block_means` of the keys. The torch path, and the reference of
     :mod:`sparse_prefill.kernels.query_aware_js`."""
+    ctx = ctx or Ctx.default(q.device)
     B, H, Sq, _ = q.shape
     Sk, N = vertical.shape[-1], pooled_k.shape[2]
     dev = q.device
@@ -279,11 +252,11 @@ def query_aware_js(
     pos = Sq - L + torch.arange(L, device=dev)  # tensor rows of the last L queries
     q_start, _ = query_offsets(Sq, Sk, starts)
     # [B, h, L]: each head's last_q rows that hold a query of the sample
-    w = ((pos >= Sq - const(last_q, dev)[:, None])[None] & (pos >= q_start[:, None, None])).float()
-    last = q[:, :, Sq - L :].index_select(1, const(heads, dev)).float()  # [B, h, L, D]
+    w = ((pos >= Sq - ctx.const(last_q, dev)[:, None])[None] & (pos >= q_start[:, None, None])).float()
+    last = q[:, :, Sq - L :].index_select(1, ctx.const(heads, dev)).float()  # [B, h, L, D]
     q_mean = torch.einsum("bhl,bhld->bhd", w, last) / w.sum(-1, keepdim=True)
     true = F.pad(to_local(vertical, starts), (0, N * BLOCK - Sk)).unflatten(-1, (N, BLOCK)).sum(-1)  # [B, h, N]
-    kv = const([x // (H // pooled_k.shape[1]) for x in heads], dev)
+    kv = ctx.const([x // (H // pooled_k.shape[1]) for x in heads], dev)
     est = torch.einsum("bhd,bknd->bhkn", q_mean, pooled_k).gather(2, kv[None, :, None, None].expand(B, -1, 1, N))
     beyond = torch.arange(N, device=dev)[None, :] >= cdiv_tensor(Sk - starts, BLOCK)[:, None]  # [B, N]
     est = torch.softmax((est.squeeze(2) * scale).masked_fill(beyond[:, None], float("-inf")), -1)
@@ -291,7 +264,13 @@ def query_aware_js(
 
 
 def query_aware_cover(
-    measured: dict[str, torch.Tensor], specs: list[HeadSpec], heads: list[int], group: int, scale: float, geo: _Geometry
+    measured: dict[str, torch.Tensor],
+    specs: list[HeadSpec],
+    heads: list[int],
+    group: int,
+    scale: float,
+    geo: _Geometry,
+    ctx: Ctx,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The block-sparse sets of adaptive heads, one sample at a time (each in its own grid).
 
@@ -301,7 +280,8 @@ def query_aware_cover(
     Returns:
         blocks: [B, h, M, K] key blocks per query block ascending, -1 past the set.
         density: [B, h] estimated tile density of the block-sparse sets, ``inf`` where the head is not query-aware
-        (``sqrt JS >= tau``; on CUDA its rows are not even ranked) or a row needs more than ``max_blocks``.
+        (``sqrt JS >= tau``; on the Triton backend its rows are not even ranked) or a row needs more than
+        ``max_blocks``.
     """
     pooled_q, pooled_k = measured["pooled_q"], measured["pooled_k"]
     q_len, kv_len, kv_start = geo.q_len, geo.kv_len, geo.kv_start
@@ -310,11 +290,13 @@ def query_aware_cover(
     n_keys = [cdiv(kv_len - s, BLOCK) for s in kv_start]  # each sample's key blocks: its fractions are of them
     max_blocks = per_sample_budgets(specs, "max_blocks", n_keys)
     K = max(map(max, max_blocks))
-    gamma, limit = _param(specs, "gamma", dev), const(max_blocks, dev)
-    nearest = _param(specs, "force_slash", dev).clamp(min=1)
+    gamma, limit = _param(specs, "gamma", dev, ctx), ctx.const(max_blocks, dev)
+    nearest = _param(specs, "force_slash", dev, ctx).clamp(min=1)
     query_aware = measured["query_aware"]
     # The integer inputs of the row kernels in int32 once: each KV-head run below takes slices, with no conversions.
-    sink = cdiv_tensor(_param(specs, "force_vertical", dev), BLOCK).int()  # [h] key blocks of the forced first keys
+    sink = cdiv_tensor(
+        _param(specs, "force_vertical", dev, ctx), BLOCK
+    ).int()  # [h] key blocks of the forced first keys
     flags = query_aware.int()
 
     # Query-aware sets: per query block, softmax of pooled q·k over its causal key blocks; one sample at a time.
@@ -326,13 +308,13 @@ def query_aware_cover(
         Mb, Nb = cdiv(q_len - qs, BLOCK), cdiv(kv_len - kv_start[b], BLOCK)
         first = off[b] + torch.arange(Mb, device=dev) * BLOCK  # local position of each query block's first row
         lo = ((first[None, :] - nearest[:, None] + 1).clamp(min=0) // BLOCK).int()  # [h, Mb] forced from this block
-        for kv0, kv1, sel in _kv_chunks(heads, group, Mb * Nb * 4 * 4):
+        for kv0, kv1, sel in kv_chunks(heads, group, Mb * Nb * 4 * 4):
             h0, h1 = sel[0], sel[-1] + 1  # heads ascending: a run of KV heads serves consecutive positions
             pq, pk, flag = pooled_q[b, h0:h1, :Mb], pooled_k[b, kv0:kv1, :Nb], flags[b, h0:h1]
             args = (base[b, :Mb], lo[h0:h1], sink[h0:h1], gamma[h0:h1])
-            if pq.is_cuda and cover_rows_triton is not None:  # heads that are not query-aware are skipped
-                scores = pooled_scores_triton(pq, pk, base[b, :Mb], flag)
-                _, n = cover_rows_triton(scores, *args, flag, K, scale, out=blocks[b, h0:h1, :Mb])
+            if ctx.uses(kernels.cover_rows, pq):  # heads that are not query-aware are skipped
+                scores = kernels.pooled.pooled_scores_triton(pq, pk, base[b, :Mb], flag)
+                _, n = kernels.cover_rows.cover_rows_triton(scores, *args, flag, K, scale, out=blocks[b, h0:h1, :Mb])
             else:
                 scores = (pq.unflatten(0, (kv1 - kv0, -1)) @ pk[:, None].transpose(-1, -2)).flatten(0, 1)
                 picked, n = cover_rows_torch(scores * scale, *args, K)
@@ -366,15 +348,20 @@ def cover_rows_torch(
 
 
 def measure(
-    q: torch.Tensor, k: torch.Tensor, specs: list[HeadSpec], heads: list[int], scale: float, kv_start: list[int]
+    q: torch.Tensor,
+    k: torch.Tensor,
+    specs: list[HeadSpec],
+    heads: list[int],
+    scale: float,
+    kv_start: list[int],
+    ctx: Ctx | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything the choice of the adaptive heads of one layer call reads from q and k: ``vertical`` scores
     [B, h, Sk], ``slash_mass`` (slash scores by block diagonal) [B, h, N], the query-aware test's ``js`` [B, h]
     (:func:`query_aware_js`) and its outcome ``query_aware`` (``js < tau``, bool [B, h]), and fp32 block means in
     each sample's own grid (zeros past its blocks): ``pooled_k`` [B, Hkv, N, D], and ``pooled_q`` [B, h, M, D] (on
-    CUDA only the query-aware heads' queries are pooled: the others' stay 0, unread). :func:`choose` depends on
-    nothing else, so :class:`~sparse_prefill.estimate.LayerPlan` replays it as a CUDA graph: its few hundred small
-    kernels would otherwise cost more host time to launch than the GPU spends running them.
+    the Triton backend only the query-aware heads' queries are pooled: the others' stay 0, unread). :func:`choose`
+    depends on nothing else, so :class:`~sparse_prefill.plan.layer.LayerPlan` can replay it as a CUDA graph.
 
     Args:
         q: [B, Hq, Sq, D] queries after RoPE; k: [B, Hkv, Sk, D] keys (the full cache, Sq <= Sk).
@@ -382,21 +369,23 @@ def measure(
         scale: softmax scale.
         kv_start: per sample, the first valid key column (left padding), as host integers.
     """
+    ctx = ctx or Ctx.default(q.device)
     B, H, Sq, _ = q.shape
     dev = q.device
     last_q = [s.params["last_q"] for s in specs]
-    starts = const(kv_start, dev)
-    vertical, slash_mass = vertical_slash_scores(q, k, heads, last_q, scale, starts, by_block=True)
-    pooled_k = block_means(k, kv_start)
-    if pooled_supported(q):  # on CUDA with Triton, as the block means
-        js = query_aware_js_triton(q, vertical, pooled_k, const(heads, dev), const(last_q, dev), scale, starts)
+    starts = ctx.const(kv_start, dev)
+    vertical, slash_mass = vertical_slash_scores(q, k, heads, last_q, scale, starts, True, ctx)
+    pooled_k = block_means(k, kv_start, ctx=ctx)
+    if ctx.uses(kernels.query_aware_js, q):
+        heads_t, last_q_t = ctx.const(heads, dev), ctx.const(last_q, dev)
+        js = kernels.query_aware_js.query_aware_js_triton(q, vertical, pooled_k, heads_t, last_q_t, scale, starts)
     else:
-        js = query_aware_js(q, vertical, pooled_k, specs, heads, scale, starts)
-    query_aware = js < _param(specs, "tau", dev)
+        js = query_aware_js(q, vertical, pooled_k, specs, heads, scale, starts, ctx)
+    query_aware = js < _param(specs, "tau", dev, ctx)
     flag = torch.zeros(B, H, dtype=torch.bool, device=dev)
-    flag[:, const(heads, dev)] = query_aware
-    pooled_q = block_means(q, first_query_rows(Sq, k.shape[2], kv_start), flag)
-    pooled_q = pooled_q if len(heads) == H else pooled_q.index_select(1, const(heads, dev))
+    flag[:, ctx.const(heads, dev)] = query_aware
+    pooled_q = block_means(q, first_query_rows(Sq, k.shape[2], kv_start), flag, ctx)
+    pooled_q = pooled_q if len(heads) == H else pooled_q.index_select(1, ctx.const(heads, dev))
     return {
         "vertical": vertical,
         "slash_mass": slash_mass,
@@ -416,17 +405,19 @@ def choose(
     q_len: int,
     kv_len: int,
     kv_start: list[int],
+    ctx: Ctx | None = None,
 ) -> AdaptiveSets:
     """Pattern and budgets of the adaptive heads of one layer call from their :func:`measure` (module docstring: the
     rule). ``group``: query heads per KV head; the other arguments as in :func:`measure`."""
-    geo = _Geometry.of(q_len, kv_len, kv_start, measured["vertical"].device)
     vertical = measured["vertical"]
-    cols, diag, vs_density = vertical_slash_cover(vertical, measured["slash_mass"], specs, geo)
-    blocks, bs_density = query_aware_cover(measured, specs, heads, group, scale, geo)
+    ctx = ctx or Ctx.default(vertical.device)
+    geo = _Geometry.of(q_len, kv_len, kv_start, vertical.device, ctx)
+    cols, diag, vs_density = vertical_slash_cover(vertical, measured["slash_mass"], specs, geo, ctx)
+    blocks, bs_density = query_aware_cover(measured, specs, heads, group, scale, geo, ctx)
 
     block_sparse = bs_density.isfinite()  # query-aware (sqrt JS < tau) and every row fits in max_blocks
     density = torch.where(block_sparse, bs_density, vs_density)
-    dense = density >= _param(specs, "dense_above", geo.starts.device)[None, :]
+    dense = density >= _param(specs, "dense_above", geo.starts.device, ctx)[None, :]
     choice = torch.where(dense, DENSE, torch.where(block_sparse, BLOCK_SPARSE, VERTICAL_SLASH))
     is_vs = choice == VERTICAL_SLASH
     return AdaptiveSets(
@@ -441,8 +432,47 @@ def choose(
 
 
 def adaptive_sets(
-    q: torch.Tensor, k: torch.Tensor, specs: list[HeadSpec], heads: list[int], scale: float, kv_start: list[int]
+    q: torch.Tensor,
+    k: torch.Tensor,
+    specs: list[HeadSpec],
+    heads: list[int],
+    scale: float,
+    kv_start: list[int],
+    ctx: Ctx | None = None,
 ) -> AdaptiveSets:
     """:func:`choose` of :func:`measure`, with the same arguments as :func:`measure`."""
-    measured = measure(q, k, specs, heads, scale, kv_start)
-    return choose(measured, specs, heads, q.shape[1] // k.shape[1], scale, q.shape[2], k.shape[2], kv_start)
+    ctx = ctx or Ctx.default(q.device)
+    measured = measure(q, k, specs, heads, scale, kv_start, ctx)
+    return choose(measured, specs, heads, q.shape[1] // k.shape[1], scale, q.shape[2], k.shape[2], kv_start, ctx)
+
+
+class Adaptive(Pattern):
+    def measure(self, q, k, specs, heads, shape, ctx) -> dict[str, torch.Tensor]:
+        return measure(q, k, specs, heads, shape.scale, shape.kv_start, ctx)
+
+    def select(self, measured, specs, heads, shape, ctx) -> Sets:
+        group = shape.H // measured["pooled_k"].shape[1]
+        ad = choose(measured, specs, heads, group, shape.scale, shape.Sq, shape.Sk, shape.kv_start, ctx)
+        return Sets(cols=ad.cols, diag=ad.diag, blocks=ad.blocks, choice=ad.choice)
+
+
+# Defaults (docs/adaptive.md gives their sources): gamma and tau are FlexPrefill's; the forced minimum is MInference's
+# floor rounded to whole blocks; dense_above sends a head dense when its sets would cost 80 % of dense anyway;
+# max_blocks bounds the block lists.
+PATTERN = Adaptive(
+    name="adaptive",
+    abbrev="AD",
+    alias="adaptive",
+    defaults={
+        "gamma": 0.9,
+        "tau": 0.1,
+        "last_q": 128,
+        "force_vertical": 64,
+        "force_slash": 128,
+        "max_blocks": 0.125,
+        "dense_above": 0.8,
+    },
+    budgets=frozenset({"max_blocks"}),
+    unit=UNIT,
+    dynamic=True,
+)
