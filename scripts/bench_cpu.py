@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_layer import structured_qkv  # noqa: E402
 
-from sparse_prefill.cli import lengths as lengths_type  # noqa: E402
+from sparse_prefill.tools.cli import lengths as lengths_type  # noqa: E402
 from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec  # noqa: E402
 from sparse_prefill.estimate import LayerPlan  # noqa: E402
 from sparse_prefill.index import tile_density  # noqa: E402

@@ -23,7 +23,7 @@ from sparse_prefill import SparseConfig, last_report, patch_model
 from sparse_prefill import attention as sp_attention
 from sparse_prefill.config import FORMAT
 from sparse_prefill.index import token_mask
-from sparse_prefill.models import cache_kwarg
+from sparse_prefill.tools.models import cache_kwarg
 from sparse_prefill.patches import adapter_for
 
 S = 1000

@@ -1,6 +1,7 @@
 """Compare sparse-prefill-eval runs made on the same prompts: one markdown table per aspect, plus the numbers as JSON.
 
-    python scripts/compare_evals.py calibrated=out/calibrated_4k adaptive=out/adaptive_4k --out out/summary.md
+    python -m sparse_prefill.tools.compare_evals calibrated=out/calibrated_4k adaptive=out/adaptive_4k \
+        --out out/summary.md
 
 Runs of one name at other lengths (calibrated=out/calibrated_8k) share that name's column.
 

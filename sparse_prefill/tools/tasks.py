@@ -6,7 +6,7 @@ answers, and the depth of the queried needle in the context (0 = start, 1 = end)
 user file); the passkey task keeps its own repeated noise filler, as in RULER.
 
 * ``niah``: one "special magic number" needle; run over the depth × length grid.
-* ``passkey``: a 5-digit pass key in noise (:func:`sparse_prefill.prompts.passkey_prompt`).
+* ``passkey``: a 5-digit pass key in noise (:func:`sparse_prefill.tools.prompts.passkey_prompt`).
 * ``multikey``: the queried needle among distractor needles with other keys.
 * ``kv``: key-value retrieval from a JSON object of UUID pairs filling the context.
 * ``vt``: variable tracking: follow a chain of ``VAR X = VAR Y`` assignments, name every variable in it.

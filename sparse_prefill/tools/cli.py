@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MAX_INT
+from ..config import MAX_INT
 
 
 def parse_lengths(text: str, minimum: int = 1) -> list[int]:
@@ -108,7 +108,7 @@ def rope_scaling(text: str) -> tuple[str, float]:
     """argparse type of ``--rope-scaling TYPE:FACTOR``: ``"yarn:4"`` -> ``("yarn", 4.0)``.
 
     TYPE is one of :data:`ROPE_TYPES` (transformers' rope types), FACTOR a finite number above 1: the scaled model's
-    context is its original one times FACTOR (:func:`sparse_prefill.models.scale_rope`).
+    context is its original one times FACTOR (:func:`sparse_prefill.tools.models.scale_rope`).
     """
     kind, _, factor = text.partition(":")
     try:

@@ -42,9 +42,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cli import add_rope_scaling, device, integer, lengths, output_problem
-from .config import AUTO, DEFAULT_MIN_SEQ_LEN, FORMAT, PATTERN_DEFAULTS, HeadSpec, ModelInfo, SparseConfig
-from .estimate import build_index
-from .index import BLOCK, SparseIndex, block_mask, cdiv, tile_density
+from ..config import AUTO, DEFAULT_MIN_SEQ_LEN, FORMAT, PATTERN_DEFAULTS, HeadSpec, ModelInfo, SparseConfig
+from ..estimate import build_index
+from ..index import BLOCK, SparseIndex, block_mask, cdiv, tile_density
 from .models import DTYPES
 from .prompts import passkey_prompt
 
@@ -373,14 +373,14 @@ def calibrate(
     progress: bool = True,
 ) -> SparseConfig:
     """Calibrate a per-head config for ``model`` (see the module docstring)."""
-    from . import __version__
+    from .. import __version__
 
     start = time.time()
     prompts = calibration_prompts(tokenizer, lengths, samples, seed, text)
     rec, dens = measure(model, prompts, candidates, seed, progress)
     choice = select(rec, dens, candidates, target, budget)
     provenance = {
-        "tool": "sparse_prefill.calibrate",
+        "tool": "sparse_prefill.calibrate",  # the name shipped configs carry: kept across the move to tools/
         "version": __version__,
         "date": datetime.date.today().isoformat(),
         "model": info.name,
@@ -472,9 +472,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import save_config
+    from ..config import save_config
     from .models import SMOLLM2, SMOLLM2_GGUF, context_length, load_model
-    from .patches import adapter_for
+    from ..patches import adapter_for
 
     p = parser()
     args = p.parse_args(argv)

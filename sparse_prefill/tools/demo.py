@@ -1,5 +1,5 @@
 """Demo: SmolLM2 answers a passkey hidden in a ~4K-token prompt, dense and patched; prints answers, prefill latency
-and the achieved density. Run with ``make demo`` or ``python -m sparse_prefill.demo``."""
+and the achieved density. Run with ``make demo`` or ``python -m sparse_prefill.tools.demo``."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import time
 
 import torch
 
-from . import last_report, patch_model, unpatch_model
+from .. import last_report, patch_model, unpatch_model
 from .cli import device, length
-from .config import ConfigError, load_config
+from ..config import ConfigError, load_config
 from .models import load_model
-from .patches import adapter_for
+from ..patches import adapter_for
 from .prompts import passkey_prompt
 
 

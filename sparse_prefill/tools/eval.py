@@ -1,15 +1,15 @@
 """sparse-prefill-eval: a patched model against itself dense, on the same long prompts.
 
-For every prompt of :mod:`sparse_prefill.tasks` the model runs twice, dense and patched:
+For every prompt of :mod:`sparse_prefill.tools.tasks` the model runs twice, dense and patched:
 
-* accuracy: greedy answer scored against the gold answers (:func:`sparse_prefill.tasks.score`);
+* accuracy: greedy answer scored against the gold answers (:func:`sparse_prefill.tools.tasks.score`);
 * fidelity: patched next-token top-1 agreement and KL(dense || patched) over the dense answer (teacher-forced), and
   the relative L2 error of each layer's attention output on the prompt;
 * latency and density: prefill (time to first token) of each, and the tile density each layer achieved.
 
 ``--dataset FORMAT:PATH`` runs a public benchmark's examples instead (LongBench, LongBench v2, RULER, InfiniteBench
-or generic JSONL: :mod:`sparse_prefill.datasets_eval`), each scored by its task's metric (:mod:`sparse_prefill.metrics`)
-and reported per task.
+or generic JSONL: :mod:`~sparse_prefill.tools.datasets_eval`), each scored by its task's metric
+(:mod:`~sparse_prefill.tools.metrics`) and reported per task.
 
 Outputs (``--out``): results.json, summary.md, needle_grid.png, patterns.png; written to a temporary folder beside
 ``--out`` that replaces it at the end, so a folder never mixes two runs. Bad arguments (and an ``--out`` that holds
@@ -39,13 +39,13 @@ import torch.nn.functional as F
 import transformers
 from tqdm.auto import tqdm
 
-from . import __version__
+from .. import __version__
 from .cli import add_rope_scaling, device, integer, length, output_problem, parse_lengths
-from .config import PATTERN_DEFAULTS, ConfigError, SparseConfig, check_unit, load_config
+from ..config import PATTERN_DEFAULTS, ConfigError, SparseConfig, check_unit, load_config
 from .datasets_eval import benchmark_samples, dataset_arg, read_examples
 from .models import DTYPES, SMOLLM2, cache_kwarg, context_length, load_model
-from .patch import find_shipped_config, last_report, patch_model, unpatch_model
-from .patches import UnsupportedModelError, adapter_for
+from ..patch import find_shipped_config, last_report, patch_model, unpatch_model
+from ..patches import UnsupportedModelError, adapter_for
 from .tasks import TASKS, Haystack, Sample, make_samples
 
 ALIASES = {"vs": "vertical_slash", "a": "a_shape", "block": "block_sparse"}
@@ -146,9 +146,9 @@ def evaluate(
     Args:
         model, tokenizer: a loaded causal LM (unpatched; left unpatched) and its tokenizer.
         config: the sparse config to patch with. min_seq_len: passed to :func:`patch_model`.
-        samples: prompts from :func:`sparse_prefill.tasks.make_samples` or
-            :func:`sparse_prefill.datasets_eval.benchmark_samples` (a task's samples together); batches hold one task,
-            length and generation length. A progress bar per task.
+        samples: prompts from :func:`~sparse_prefill.tools.tasks.make_samples` or
+            :func:`~sparse_prefill.tools.datasets_eval.benchmark_samples` (a task's samples together); batches hold one
+            task, length and generation length. A progress bar per task.
     Returns:
         Records with the sample fields, ``metric``, per mode ``prediction``, ``score``, ``prefill_s`` (of the sample's
         batch), ``agree`` (the two predictions are equal), ``top1``, ``kl``, ``top1_first``, ``kl_first`` (of the
