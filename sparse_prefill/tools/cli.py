@@ -35,8 +35,15 @@ def parse_lengths(text: str, minimum: int = 1) -> list[int]:
     return out
 
 
-def lengths(minimum: int):
-    """argparse type: :func:`parse_lengths` with this ``minimum``."""
+def format_length(n: int) -> str:
+    """A token count as :func:`parse_lengths` reads it back, in K where whole: 4096 -> ``"4k"``, 6000 -> ``"6000"``."""
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def lengths(minimum: int, distinct: bool = False):
+    """argparse type: :func:`parse_lengths` with this ``minimum``; ``distinct``: sorted, each length once."""
+    if distinct:
+        return lambda text: sorted(set(parse_lengths(text, minimum)))
     return lambda text: parse_lengths(text, minimum)
 
 
