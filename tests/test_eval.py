@@ -15,7 +15,8 @@ from conftest import tiny_model
 
 from sparse_prefill import ModelInfo, SparseConfig, save_config
 from sparse_prefill.tools.eval import main
-from sparse_prefill.tools.tasks import TASKS, Haystack, make_samples, n_tokens, score
+from sparse_prefill.tools.prompts import n_tokens
+from sparse_prefill.tools.tasks import TASKS, Haystack, make_samples, score
 
 NEEDLE_TASKS = ["niah", "passkey", "multikey", "kv", "vt"]
 SMOLLM2_SHAPE = ModelInfo("SmolLM2-135M-Instruct", "llama", num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)

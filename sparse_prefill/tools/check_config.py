@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from pathlib import Path
 
 import torch
 
-from pathlib import Path
-
 from .. import ConfigError, ModelInfo, SparseConfig, last_report, load_config, patch_model, unpatch_model
-from .calibrate import DTYPES, natural_prompt, natural_text
-from .cli import device, integer, length
-from .models import SMOLLM2, load_model
 from ..patches import adapter_for
+from .cli import device, integer, length
+from .models import DTYPES, SMOLLM2, load_model
+from .prompts import natural_prompt, natural_text
 
 ANY_SHAPE = ModelInfo("any", "llama", 1, 1, 1, 1)  # to check a --uniform spec before the model is known
 

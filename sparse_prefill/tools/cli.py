@@ -8,6 +8,7 @@ never fails at its very end, after the long work, because its result cannot be w
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -66,6 +67,22 @@ def integer(minimum: int, maximum: int = MAX_INT):
         if n is None or not minimum <= n <= maximum:
             raise argparse.ArgumentTypeError(f"must be an integer from {minimum} to {maximum}, got {text!r}")
         return n
+
+    return parse
+
+
+def fraction(low_open: bool = False):
+    """argparse type: a number in [0, 1], or in (0, 1] with ``low_open``; nan is refused."""
+    interval = "(0, 1]" if low_open else "[0, 1]"
+
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            x = math.nan
+        if not (0 < x <= 1 if low_open else 0 <= x <= 1):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}")
+        return x
 
     return parse
 

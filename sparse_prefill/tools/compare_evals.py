@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from .cli import format_length
-from .markdown import num, row, table
+from .markdown import fidelity_cells, num, row, table
 
 
 def load(spec: str) -> tuple[str, dict]:
@@ -116,10 +116,7 @@ def compare(runs: list[tuple[str, dict]]) -> tuple[str, dict]:
                     [
                         format_length(n),
                         name,
-                        p["samples"],
-                        num(p["top1"]),
-                        num(p["kl"], 4),
-                        f"{num(p['attn_rel_err'], 4)} ({num(max(p['layer_attn_rel_err']), 4)})",
+                        *fidelity_cells(p),
                         num(p["density"]),
                         run,
                     ]

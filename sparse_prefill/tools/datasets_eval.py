@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .metrics import LETTERS, METRICS, score
-from .tasks import chat, n_tokens
+from .prompts import chat, n_tokens
 
 FORMATS = ("longbench", "longbench-v2", "ruler", "infinitebench", "jsonl")
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # file suffix -> datasets builder

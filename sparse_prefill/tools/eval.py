@@ -41,13 +41,13 @@ import transformers
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .cli import add_rope_scaling, device, format_length, integer, length, lengths, output_problem
 from ..config import PATTERN_DEFAULTS, ConfigError, SparseConfig, check_unit, load_config
-from .datasets_eval import Example, benchmark_samples, dataset_arg, read_examples
-from .markdown import num, table
-from .models import DTYPES, SMOLLM2, cache_kwarg, context_length, load_model
 from ..patch import find_shipped_config, last_report, patch_model, resolve_config, unpatch_model, with_head_params
 from ..patches import UnsupportedModelError, adapter_for
+from .cli import add_rope_scaling, device, format_length, integer, length, lengths, output_problem
+from .datasets_eval import Example, benchmark_samples, dataset_arg, read_examples
+from .markdown import fidelity_cells, num, table
+from .models import DTYPES, SMOLLM2, cache_kwarg, context_length, load_model
 from .tasks import TASKS, Haystack, Sample, make_samples
 
 ALIASES = {"vs": "vertical_slash", "a": "a_shape", "block": "block_sparse"}
@@ -544,10 +544,7 @@ def _fidelity_table(meta: dict, per: dict) -> list[str]:
             [
                 [
                     format_length(n),
-                    p["samples"],
-                    num(p["top1"]),
-                    num(p["kl"], 4),
-                    f"{num(p['attn_rel_err'], 4)} ({num(max(p['layer_attn_rel_err']), 4)})",
+                    *fidelity_cells(p),
                     num(p["prefill_dense_s"], 2),
                     num(p["prefill_patched_s"], 2),
                     f"{p['speedup']:.2f}×",

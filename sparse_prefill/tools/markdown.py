@@ -12,6 +12,12 @@ def row(cells: list) -> str:
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
+def fidelity_cells(p: dict) -> list[str]:
+    """Cells of one eval ``per_length`` record: samples, top-1, KL, attention error (worst layer)."""
+    worst = max(p["layer_attn_rel_err"])
+    return [p["samples"], num(p["top1"]), num(p["kl"], 4), f"{num(p['attn_rel_err'], 4)} ({num(worst, 4)})"]
+
+
 def num(x: float | None, digits: int = 3) -> str:
     """``x`` with ``digits`` decimals; ``-`` for None (an empty cell)."""
     return "-" if x is None else f"{x:.{digits}f}"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from .metrics import string_match_all
-from .prompts import passkey_prompt
+from .prompts import chat, chat_ids, encode, n_tokens, natural_prompt, passkey_prompt
 
 # Word lists for the filler grammar, needle keys and the common-words task (320 distinct words), and the sentence
 # templates of the grammar: data, in data/filler.json.
@@ -108,17 +108,6 @@ def _sentence(rng: random.Random) -> str:
     )
 
 
-def chat(tokenizer, user: str, answer_prefix: str) -> str:
-    return (
-        tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-        + answer_prefix
-    )
-
-
-def n_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-
 def fit(tokenizer, length: int, build: Callable[[int], Sample]) -> Sample:
     """``build(n)`` with as many filler units ``n`` as fit: the prompt is at most ``length`` tokens, and close to it.
 
@@ -153,22 +142,28 @@ def insert(sentences: list[str], needles: list[tuple[float, str]], sep: str = " 
     return sep.join(parts)
 
 
-def _magic_key(rng: random.Random) -> str:
-    return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+def magic_keys(rng: random.Random, n: int) -> list[str]:
+    """``n`` distinct needle keys like ``quiet-lantern``."""
+    keys: list[str] = []
+    while len(keys) < n:
+        if (key := f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}") not in keys:
+            keys.append(key)
+    return keys
 
 
-def _magic(key: str, value: int) -> str:
+def magic_needle(key: str, value: int) -> str:
     return f"One of the special magic numbers for {key} is: {value}."
+
+
+def magic_value(rng: random.Random) -> int:
+    return rng.randint(10**6, 10**7 - 1)
 
 
 def make_niah(tokenizer, length: int, depth: float, rng: random.Random, haystack: Haystack, distractors: int = 0):
     """Single needle (``distractors=0``) or multi-key needle: distractor needles with other keys at random depths."""
-    keys = []
-    while len(keys) < distractors + 1:
-        if (key := _magic_key(rng)) not in keys:
-            keys.append(key)
-    values = [rng.randint(10**6, 10**7 - 1) for _ in keys]
-    needles = [(depth if i == 0 else rng.random(), _magic(k, v)) for i, (k, v) in enumerate(zip(keys, values))]
+    keys = magic_keys(rng, distractors + 1)
+    values = [magic_value(rng) for _ in keys]
+    needles = [(depth if i == 0 else rng.random(), magic_needle(k, v)) for i, (k, v) in enumerate(zip(keys, values))]
     stream = f"{rng.random()}"
     question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
     prefix = f"The special magic number for {keys[0]} mentioned in the provided text is"
@@ -190,24 +185,25 @@ def make_passkey(tokenizer, length, depth, rng, haystack):
     return Sample("passkey", length, depth, prompt, [key])
 
 
-def _uuid(rng: random.Random) -> str:
+def random_uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
+KV_ANSWER = "The value associated with the key is"
 
 
 def make_kv(tokenizer, length, depth, rng, haystack):
     """A JSON object of UUID pairs fills the whole context; the queried pair sits at ``depth``."""
-    key, value = _uuid(rng), _uuid(rng)
+    key, value = random_uuid(rng), random_uuid(rng)
     stream = f"{rng.random()}"
 
     def build(n: int) -> Sample:
         pairs_rng = random.Random(stream)
-        pairs = [f'"{_uuid(pairs_rng)}": "{_uuid(pairs_rng)}",' for _ in range(n)]
+        pairs = [f'"{random_uuid(pairs_rng)}": "{random_uuid(pairs_rng)}",' for _ in range(n)]
         body = insert(pairs, [(depth, f'"{key}": "{value}",')], sep="\n")
-        user = (
-            "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n"
-            f'{{\n{body.rstrip(",")}\n}}\n\nKey: "{key}"\nCorresponding value:'
-        )
-        return Sample("kv", length, depth, chat(tokenizer, user, "The value associated with the key is"), [value])
+        user = f'{KV_INSTRUCTION}\n\nJSON data:\n{{\n{body.rstrip(",")}\n}}\n\nKey: "{key}"\nCorresponding value:'
+        return Sample("kv", length, depth, chat(tokenizer, user, KV_ANSWER), [value])
 
     return fit(tokenizer, length, build)
 
@@ -261,6 +257,33 @@ def make_cwe(tokenizer, length, depth, rng, haystack, num_cw: int = 10):
         return Sample("cwe", length, None, chat(tokenizer, user, prefix), list(common))
 
     return fit(tokenizer, length, build)
+
+
+# Token-exact prompts (calibration's): the tasks' content, assembled as token ids of exactly ``length``.
+
+
+def kv_prompt(tokenizer, length: int, rng: random.Random) -> list[int]:
+    """``kv``'s JSON object of UUID pairs and its question about one key, as exactly ``length`` token ids."""
+    lines, total = [], 0
+    while total < length:
+        pair = (random_uuid(rng), random_uuid(rng))
+        lines.append((pair, encode(tokenizer, f'"{pair[0]}": "{pair[1]}",\n')))
+        total += len(lines[-1][1])
+    body = encode(tokenizer, f"{KV_INSTRUCTION}\n\nJSON data:\n{{\n") + [t for _, ids in lines for t in ids]
+    # Ask about a pair that survives trimming (the body loses at most its last few pairs).
+    key = lines[rng.randrange(max(1, len(lines) - 8))][0][0]
+    return chat_ids(tokenizer, body, f'Key: "{key}"\nCorresponding value:', KV_ANSWER, length)
+
+
+def multi_needle_prompt(tokenizer, text_ids: list[int], length: int, rng: random.Random, needles: int = 4):
+    """Several ``niah`` needles at random depths of natural text (token ids of :func:`natural_text`), then a question
+    for all of them, as exactly ``length`` token ids."""
+    keys = magic_keys(rng, needles)
+    body = natural_prompt(text_ids, length, rng)
+    for key, at in zip(keys, sorted(rng.sample(range(length - 200), needles), reverse=True)):
+        body[at:at] = encode(tokenizer, f" {magic_needle(key, magic_value(rng))} ")
+    question = f"What are the special magic numbers for {', '.join(keys)} mentioned in the provided text?"
+    return chat_ids(tokenizer, body, question, "The special magic numbers are", length)
 
 
 TASKS: dict[str, Task] = {
