@@ -2,8 +2,9 @@
 
     sparse-prefill-calibrate --model smollm2 --lengths 2k,4k --samples 4 --recall 0.9 --budget 0.5
 
-1. Prompts are built in code (deterministic under ``--seed``): passkey, key-value retrieval and multi-needle prompts,
-   and raw windows of natural English (CPython's own reference manual, ``pydoc_data.topics``; no download).
+1. Prompts are built in code (deterministic under ``--seed``): the eval's passkey, key-value and magic-number needle
+   content (:mod:`~sparse_prefill.tools.tasks`, cut to exact token counts) and raw windows of natural English
+   (CPython's own reference manual, ``pydoc_data.topics``; no download).
 2. One dense prefill per prompt captures every layer's post-RoPE q/k through transformers' attention interface.
 3. For every layer, each candidate (A-shape, vertical-slash and block-sparse at several budgets, adaptive at several
    ``gamma``, and dense) is built for all heads at once with :func:`~sparse_prefill.estimate.build_index`, as at run

@@ -11,6 +11,8 @@ user file); the passkey task keeps its own repeated noise filler, as in RULER.
 * ``kv``: key-value retrieval from a JSON object of UUID pairs filling the context.
 * ``vt``: variable tracking: follow a chain of ``VAR X = VAR Y`` assignments, name every variable in it.
 * ``cwe``: common-words extraction: the 10 most frequent words of a numbered list (no needle, depth None).
+
+Calibration reads the same content as token ids of an exact length: :func:`kv_prompt`, :func:`multi_needle_prompt`.
 """
 
 from __future__ import annotations
