@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 install: $(STAMP)
 
 demo: install
-	$(PYTHON) -m sparse_prefill.demo
+	$(PYTHON) -m sparse_prefill.tools.demo
 
 test: install
 	$(PYTHON) -m pytest -q

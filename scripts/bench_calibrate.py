@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_e2e import MODELS, build_model  # noqa: E402
 
-from sparse_prefill.calibrate import calibrate, summary  # noqa: E402
-from sparse_prefill.cli import parse_lengths  # noqa: E402
+from sparse_prefill.tools.calibrate import calibrate, summary  # noqa: E402
+from sparse_prefill.tools.cli import parse_lengths  # noqa: E402
 from sparse_prefill.patches import adapter_for  # noqa: E402
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_layer import structured_qkv  # noqa: E402
 
-from sparse_prefill.cli import lengths as lengths_type  # noqa: E402
+from sparse_prefill.tools.cli import lengths as lengths_type  # noqa: E402
 from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec  # noqa: E402
 from sparse_prefill.blockwise import sparse_attention_torch  # noqa: E402
 from sparse_prefill.plan import LayerPlan  # noqa: E402

@@ -13,8 +13,8 @@ A benchmark (CUDA, bf16 or fp32; ``--device cpu`` runs fp32, for short lengths),
    config's budgets (512 columns, 2048 token diagonals) on every head; and a ladder of uniform vertical-slash
    fractions. The smallest density that keeps top-1 >= 0.99 and KL <= 0.01 is the density that length needs.
 
-The text is the held-out split of ``sparse_prefill.calibrate.natural_text``: neither calibration nor the eval CLI's
-prompts read it. Writes fidelity.md, fidelity.csv and needed_density.png under --out.
+The text is the held-out split of ``sparse_prefill.tools.calibrate.natural_text``: neither calibration nor the eval
+CLI's prompts read it. Writes fidelity.md, fidelity.csv and needed_density.png under --out.
 
     python scripts/bench_fidelity.py --lengths 4k,8k,16k,32k --out benchmarks/results/fidelity_smollm2_h200
 """
@@ -35,15 +35,15 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparse_prefill.calibrate import calibrate, capturing, natural_text, recall, row_groups  # noqa: E402
-from sparse_prefill.cli import parse_lengths  # noqa: E402
+from sparse_prefill.tools.calibrate import calibrate, capturing, natural_text, recall, row_groups  # noqa: E402
+from sparse_prefill.tools.cli import parse_lengths  # noqa: E402
 from sparse_prefill.config import SparseConfig  # noqa: E402
 from sparse_prefill.plan import build_index  # noqa: E402
 from sparse_prefill.report import tile_density  # noqa: E402
-from sparse_prefill.models import SMOLLM2, load_model  # noqa: E402
+from sparse_prefill.tools.models import SMOLLM2, load_model  # noqa: E402
 from sparse_prefill.patch import last_report, patch_model, resolve_config, unpatch_model  # noqa: E402
 from sparse_prefill.patches import adapter_for  # noqa: E402
-from sparse_prefill.prompts import passkey_prompt  # noqa: E402
+from sparse_prefill.tools.prompts import passkey_prompt  # noqa: E402
 
 NATIVE = 8192  # SmolLM2's trained context
 SCORED = 512  # next-token positions scored per text window

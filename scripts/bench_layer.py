@@ -41,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_prefill.plan.adaptive import CHOICES  # noqa: E402
-from sparse_prefill.cli import parse_lengths  # noqa: E402
+from sparse_prefill.tools.cli import parse_lengths  # noqa: E402
 from sparse_prefill.config import CHOICES as PARAM_CHOICES  # noqa: E402
 from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec, SparseConfig, check_unit, load_config  # noqa: E402
 from sparse_prefill.masks import block_mask, col_mask, rows_mask  # noqa: E402

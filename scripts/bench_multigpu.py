@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_prefill import SparseConfig, patch_model, unpatch_model  # noqa: E402
-from sparse_prefill.cli import parse_lengths  # noqa: E402
+from sparse_prefill.tools.cli import parse_lengths  # noqa: E402
 from sparse_prefill.report import gather_report  # noqa: E402
 from sparse_prefill.patches import adapter_for  # noqa: E402
 

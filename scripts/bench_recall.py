@@ -1,7 +1,8 @@
 """Attention kept for the tiles computed: a config against adaptive mode at several gammas, on the eval CLI's prompts.
 
 One dense prefill per prompt captures every layer's q/k. Each setting's index is built from them as at run time and
-scored per head by the share of the true softmax mass inside its mask (:func:`sparse_prefill.calibrate.recall`), over
+scored per head by the share of the true softmax mass inside its mask
+(:func:`sparse_prefill.tools.calibrate.recall`), over
 query rows spread over the whole prompt ("uniform": what the prefill keeps) and over its last 128 rows ("last": the
 rows adaptive mode estimates from), and by its tile density. Means over layers and heads, per prompt. The config is
 the model's shipped one unless ``--config`` names another.
@@ -23,14 +24,14 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparse_prefill.calibrate import capturing, recall, row_groups  # noqa: E402
-from sparse_prefill.cli import parse_lengths  # noqa: E402
+from sparse_prefill.tools.calibrate import capturing, recall, row_groups  # noqa: E402
+from sparse_prefill.tools.cli import parse_lengths  # noqa: E402
 from sparse_prefill.config import HeadSpec, SparseConfig  # noqa: E402
 from sparse_prefill.plan import build_index  # noqa: E402
 from sparse_prefill.report import tile_density  # noqa: E402
-from sparse_prefill.models import SMOLLM2, load_model  # noqa: E402
+from sparse_prefill.tools.models import SMOLLM2, load_model  # noqa: E402
 from sparse_prefill.patch import resolve_config, with_head_params  # noqa: E402
-from sparse_prefill.tasks import TASKS, make_samples  # noqa: E402
+from sparse_prefill.tools.tasks import TASKS, make_samples  # noqa: E402
 
 COLUMNS = ("density", "recall, uniform rows", "recall, last rows")
 

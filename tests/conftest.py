@@ -59,7 +59,7 @@ def spec(pattern: str, **params) -> HeadSpec:
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (fp32, CPU), loaded once per test session."""
-    from sparse_prefill.models import load_model
+    from sparse_prefill.tools.models import load_model
 
     return load_model()
 
@@ -67,7 +67,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def passkey(smollm2):
     """A ~700-token passkey prompt for SmolLM2: (input ids [1, S], passkey)."""
-    from sparse_prefill.prompts import passkey_prompt
+    from sparse_prefill.tools.prompts import passkey_prompt
 
     model, tok = smollm2
     text, key = passkey_prompt(tok, 700, depth=0.4, seed=3)

@@ -135,7 +135,7 @@ def test_crossover_smoke_run(tmp_path):
 
 
 def test_compare_evals_names_each_runs_adaptive_thresholds():
-    describe = load("compare_evals")._describe
+    from sparse_prefill.tools.compare_evals import _describe as describe
 
     def results(*heads):
         return {"meta": {"config": {"source": "cfg.json", "json": {"layers": [list(heads)]}}}}

@@ -14,8 +14,8 @@ import torch
 
 from conftest import tiny_model
 
-from sparse_prefill import calibrate as C
-from sparse_prefill.cli import parse_lengths
+from sparse_prefill.tools import calibrate as C
+from sparse_prefill.tools.cli import parse_lengths
 from sparse_prefill.config import (
     DEFAULT_MIN_SEQ_LEN,
     PATTERN_DEFAULTS,
@@ -203,7 +203,7 @@ def test_prompts_are_deterministic_and_mixed():
     assert [p.ids for p in a] != [p.ids for p in c]
     assert {p.kind for p in a} == set(C.KINDS)
     for p in a:
-        if p.kind != "passkey":  # the passkey prompt comes from sparse_prefill.prompts and is approximately sized
+        if p.kind != "passkey":  # the passkey prompt comes from sparse_prefill.tools.prompts and is approximately sized
             assert len(p.ids) in (600, 900)
 
 
@@ -255,7 +255,7 @@ def test_calibrate_end_to_end_is_deterministic(tiny_llama, tmp_path):
 
 
 def test_command_line_calibrates_with_the_patterns_asked_for(tiny_llama, tmp_path, monkeypatch, capsys):
-    import sparse_prefill.models as models
+    import sparse_prefill.tools.models as models
 
     monkeypatch.setattr(models, "load_model", lambda *args: (tiny_llama, CharTokenizer()))
     out = tmp_path / "c.json"
@@ -302,7 +302,7 @@ def test_parse_arguments():
 @pytest.fixture
 def no_model_load(monkeypatch):
     """The model loader, made to fail the test if a command line reaches it."""
-    import sparse_prefill.models as models
+    import sparse_prefill.tools.models as models
 
     def load(*args):
         raise AssertionError("the model was loaded")
@@ -359,7 +359,7 @@ def test_cuda_without_cuda_exits_2_before_the_model_loads(no_model_load, capsys)
 
 
 def test_lengths_beyond_the_context_exit_2_before_calibrating(tiny_llama, tmp_path, monkeypatch, capsys):
-    import sparse_prefill.models as models
+    import sparse_prefill.tools.models as models
 
     def calibrate(*args, **kwargs):
         raise AssertionError("calibration started")
@@ -374,13 +374,14 @@ def test_lengths_beyond_the_context_exit_2_before_calibrating(tiny_llama, tmp_pa
 
 
 def test_script_wrapper_reports_bad_args():
-    script = Path(__file__).resolve().parents[1] / "scripts" / "calibrate.py"
-    out = subprocess.run([sys.executable, str(script), "--recall", "2"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sparse_prefill.tools.calibrate", "--recall", "2"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "--recall" in out.stderr
 
 
 def test_shipped_config_matches_smollm2():
-    path = Path(C.__file__).resolve().parents[1] / "configs" / "smollm2-135m-instruct.json"
+    path = Path(C.__file__).resolve().parents[2] / "configs" / "smollm2-135m-instruct.json"
     config = load_config(path)
     assert config.model == ModelInfo("SmolLM2-135M-Instruct", "llama", 30, 9, 3, 64)
     # SmolLM2's context (8K) is below the measured crossover: patch_model runs it dense unless asked (min_seq_len=0).

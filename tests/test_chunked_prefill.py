@@ -23,7 +23,7 @@ from sparse_prefill import SparseConfig, last_report, patch_model
 from sparse_prefill import state as sp_state
 from sparse_prefill.config import FORMAT
 from sparse_prefill.masks import block_mask, col_mask, token_mask
-from sparse_prefill.models import cache_kwarg
+from sparse_prefill.tools.models import cache_kwarg
 from sparse_prefill.patches import adapter_for
 
 S = 1000

@@ -1,18 +1,14 @@
-"""The shared argument checks (sparse_prefill.cli), and the demo's and scripts/check_config.py's use of them: every
-bad argument exits 2 with one line naming it, before any model loads. Nothing here loads a model."""
+"""The shared argument checks (sparse_prefill.tools.cli), and the demo's and check_config's use of them: every bad
+argument exits 2 with one line naming it, before any model loads. Nothing here loads a model."""
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from sparse_prefill import ModelInfo, SparseConfig, demo
-from sparse_prefill.cli import output_problem, parse_lengths
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from sparse_prefill import ModelInfo, SparseConfig
+from sparse_prefill.tools import demo
+from sparse_prefill.tools.cli import output_problem, parse_lengths
 
 
 def test_lengths_rule():
@@ -62,12 +58,9 @@ def no_model_load(monkeypatch):
 
 
 def check_config():
-    if "check_config" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("check_config", SCRIPTS / "check_config.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["check_config"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["check_config"]
+    from sparse_prefill.tools import check_config
+
+    return check_config
 
 
 def _exits_2(main, argv, message, capsys):

@@ -10,8 +10,8 @@ import pytest
 from test_eval import no_model_load, tiny_llama, tokenizer  # noqa: F401 (fixtures)
 
 from sparse_prefill import ModelInfo, SparseConfig, save_config
-from sparse_prefill.datasets_eval import benchmark_samples, read_examples
-from sparse_prefill.eval import main
+from sparse_prefill.tools.datasets_eval import benchmark_samples, read_examples
+from sparse_prefill.tools.eval import main
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 # The README's prose paragraphs (no tables, code or headings): natural text for the contexts.

@@ -14,8 +14,9 @@ from PIL import Image
 from conftest import tiny_model
 
 from sparse_prefill import ModelInfo, SparseConfig, save_config
-from sparse_prefill.eval import main
-from sparse_prefill.tasks import TASKS, Haystack, make_samples, n_tokens, score
+from sparse_prefill.tools.eval import main
+from sparse_prefill.tools.prompts import n_tokens
+from sparse_prefill.tools.tasks import TASKS, Haystack, make_samples, score
 
 NEEDLE_TASKS = ["niah", "passkey", "multikey", "kv", "vt"]
 SMOLLM2_SHAPE = ModelInfo("SmolLM2-135M-Instruct", "llama", num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
@@ -26,7 +27,7 @@ def tokenizer():
     """The SmolLM2 tokenizer alone, read from the embedded GGUF file (no weights)."""
     from transformers import AutoTokenizer
 
-    from sparse_prefill.models import SMOLLM2_GGUF, smollm2_dir
+    from sparse_prefill.tools.models import SMOLLM2_GGUF, smollm2_dir
 
     try:
         folder = smollm2_dir()
@@ -265,7 +266,7 @@ def no_model_load(monkeypatch):
     def load(*args):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("sparse_prefill.eval.load_model", load)
+    monkeypatch.setattr("sparse_prefill.tools.eval.load_model", load)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from transformers.masking_utils import sdpa_mask
 from conftest import KINDS, assert_close, tiny_model
 from sparse_prefill import SparseConfig, last_report, patch_model
 from sparse_prefill.layout import KeyLayout, lower_right_mask, read_layout
-from sparse_prefill.models import cache_kwarg
+from sparse_prefill.tools.models import cache_kwarg
 from sparse_prefill.patches import adapter_for
 
 S = 300

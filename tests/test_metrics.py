@@ -1,8 +1,8 @@
-"""The benchmarks' metrics (sparse_prefill.metrics) against values computed by hand."""
+"""The benchmarks' metrics (sparse_prefill.tools.metrics) against values computed by hand."""
 
 import pytest
 
-from sparse_prefill.metrics import METRICS, edit_similarity, lcs_length, normalize_answer, score
+from sparse_prefill.tools.metrics import METRICS, edit_similarity, lcs_length, normalize_answer, score
 
 
 @pytest.mark.parametrize(

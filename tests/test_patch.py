@@ -16,7 +16,7 @@ from sparse_prefill import (
     patch_model,
     unpatch_model,
 )
-from sparse_prefill.models import cache_kwarg
+from sparse_prefill.tools.models import cache_kwarg
 from sparse_prefill.patches import adapter_for
 
 SPARSE = dict(pattern="vertical_slash", vertical=8, slash=4, last_q=16, force_vertical=2, force_slash=4)

@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
-from sparse_prefill import calibrate, eval as evaluate
-from sparse_prefill.cli import rope_scaling
-from sparse_prefill.models import context_length, scale_rope
+from sparse_prefill.tools import calibrate, eval as evaluate
+from sparse_prefill.tools.cli import rope_scaling
+from sparse_prefill.tools.models import context_length, scale_rope
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,7 @@ def test_lengths_up_to_the_scaled_context_pass_the_check(which, tmp_path, monkey
         monkeypatch.setattr(evaluate, "make_samples", _stop)
         main, out = evaluate.main, ["--out", str(tmp_path / "out")]
     else:
-        monkeypatch.setattr("sparse_prefill.models.load_model", _scaled_loader(seen))
+        monkeypatch.setattr("sparse_prefill.tools.models.load_model", _scaled_loader(seen))
         monkeypatch.setattr(calibrate, "calibrate", _stop)
         main, out = calibrate.main, ["--out", str(tmp_path / "c.json")]
     with pytest.raises(SystemExit) as e:  # the tiny model's own context is 1024
@@ -85,7 +85,7 @@ def test_lengths_up_to_the_scaled_context_pass_the_check(which, tmp_path, monkey
 @pytest.mark.parametrize("which", ["eval", "calibrate"])
 def test_a_bad_value_exits_2_before_the_model_loads(which, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "load_model", _stop)
-    monkeypatch.setattr("sparse_prefill.models.load_model", _stop)
+    monkeypatch.setattr("sparse_prefill.tools.models.load_model", _stop)
     main = evaluate.main if which == "eval" else calibrate.main
     with pytest.raises(SystemExit) as e:
         main(["--rope-scaling", "yarn:1"])

@@ -21,7 +21,7 @@ format (:func:`read_examples`, before any model loads), then turned into prompts
   ``options`` (choice tasks); the task is the file name; chat template; ``math_calc`` is not supported (its metric
   needs 30 000 generated tokens).
 * ``jsonl``: fields ``prompt``, ``answers`` (a string or a list) and ``metric`` (one of
-  :data:`sparse_prefill.metrics.METRICS`); optional ``task`` (else the file name), ``max_new_tokens``
+  :data:`sparse_prefill.tools.metrics.METRICS`); optional ``task`` (else the file name), ``max_new_tokens``
   (:data:`GENERIC_MAX_NEW_TOKENS`) and ``chat`` (true: apply the chat template).
 
 Prompts longer than their budget (``--max-length`` less the task's generation length) are cut in the middle, in
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .metrics import LETTERS, METRICS, score
-from .tasks import chat, n_tokens
+from .prompts import chat, n_tokens
 
 FORMATS = ("longbench", "longbench-v2", "ruler", "infinitebench", "jsonl")
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # file suffix -> datasets builder
@@ -277,7 +277,7 @@ class Example:
 @dataclass
 class BenchmarkSample:
     """An :class:`Example` as a prompt of at most ``length - max_new_tokens`` tokens; runs in
-    :func:`sparse_prefill.eval.evaluate` like a built-in :class:`sparse_prefill.tasks.Sample`."""
+    :func:`sparse_prefill.tools.eval.evaluate` like a built-in :class:`sparse_prefill.tools.tasks.Sample`."""
 
     task: str
     length: int  # --max-length: prompt + answer tokens

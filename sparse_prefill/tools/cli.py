@@ -8,13 +8,14 @@ never fails at its very end, after the long work, because its result cannot be w
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .config import MAX_INT
+from ..config import MAX_INT
 
 
 def parse_lengths(text: str, minimum: int = 1) -> list[int]:
@@ -35,8 +36,15 @@ def parse_lengths(text: str, minimum: int = 1) -> list[int]:
     return out
 
 
-def lengths(minimum: int):
-    """argparse type: :func:`parse_lengths` with this ``minimum``."""
+def format_length(n: int) -> str:
+    """A token count as :func:`parse_lengths` reads it back, in K where whole: 4096 -> ``"4k"``, 6000 -> ``"6000"``."""
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def lengths(minimum: int, distinct: bool = False):
+    """argparse type: :func:`parse_lengths` with this ``minimum``; ``distinct``: sorted, each length once."""
+    if distinct:
+        return lambda text: sorted(set(parse_lengths(text, minimum)))
     return lambda text: parse_lengths(text, minimum)
 
 
@@ -59,6 +67,22 @@ def integer(minimum: int, maximum: int = MAX_INT):
         if n is None or not minimum <= n <= maximum:
             raise argparse.ArgumentTypeError(f"must be an integer from {minimum} to {maximum}, got {text!r}")
         return n
+
+    return parse
+
+
+def fraction(low_open: bool = False):
+    """argparse type: a number in [0, 1], or in (0, 1] with ``low_open``; nan is refused."""
+    interval = "(0, 1]" if low_open else "[0, 1]"
+
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            x = math.nan
+        if not (0 < x <= 1 if low_open else 0 <= x <= 1):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}")
+        return x
 
     return parse
 
@@ -108,7 +132,7 @@ def rope_scaling(text: str) -> tuple[str, float]:
     """argparse type of ``--rope-scaling TYPE:FACTOR``: ``"yarn:4"`` -> ``("yarn", 4.0)``.
 
     TYPE is one of :data:`ROPE_TYPES` (transformers' rope types), FACTOR a finite number above 1: the scaled model's
-    context is its original one times FACTOR (:func:`sparse_prefill.models.scale_rope`).
+    context is its original one times FACTOR (:func:`sparse_prefill.tools.models.scale_rope`).
     """
     kind, _, factor = text.partition(":")
     try:

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch, Rectangle
 
-from .config import PATTERN_DEFAULTS, HeadSpec, SparseConfig
+from ..config import PATTERN_DEFAULTS, HeadSpec, SparseConfig
 
 matplotlib.use("Agg")  # files only; no display needed (and none on servers)
 

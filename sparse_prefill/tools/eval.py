@@ -1,15 +1,15 @@
 """sparse-prefill-eval: a patched model against itself dense, on the same long prompts.
 
-For every prompt of :mod:`sparse_prefill.tasks` the model runs twice, dense and patched:
+For every prompt of :mod:`sparse_prefill.tools.tasks` the model runs twice, dense and patched:
 
-* accuracy: greedy answer scored against the gold answers (:func:`sparse_prefill.tasks.score`);
+* accuracy: greedy answer scored against the gold answers (:func:`sparse_prefill.tools.tasks.score`);
 * fidelity: patched next-token top-1 agreement and KL(dense || patched) over the dense answer (teacher-forced), and
   the relative L2 error of each layer's attention output on the prompt;
 * latency and density: prefill (time to first token) of each, and the tile density each layer achieved.
 
 ``--dataset FORMAT:PATH`` runs a public benchmark's examples instead (LongBench, LongBench v2, RULER, InfiniteBench
-or generic JSONL: :mod:`sparse_prefill.datasets_eval`), each scored by its task's metric (:mod:`sparse_prefill.metrics`)
-and reported per task.
+or generic JSONL: :mod:`~sparse_prefill.tools.datasets_eval`), each scored by its task's metric
+(:mod:`~sparse_prefill.tools.metrics`) and reported per task.
 
 Outputs (``--out``): results.json, summary.md, needle_grid.png, patterns.png; written to a temporary folder beside
 ``--out`` that replaces it at the end, so a folder never mixes two runs. Bad arguments (and an ``--out`` that holds
@@ -22,6 +22,7 @@ anything but an earlier run's outputs) exit with code 2 before the model loads o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -39,14 +40,15 @@ import torch.nn.functional as F
 import transformers
 from tqdm.auto import tqdm
 
-from . import __version__
-from .cli import add_rope_scaling, device, integer, length, output_problem, parse_lengths
-from .config import PATTERN_DEFAULTS, ConfigError, SparseConfig, check_unit, load_config
-from .datasets_eval import benchmark_samples, dataset_arg, read_examples
+from .. import __version__
+from ..config import PATTERN_DEFAULTS, ConfigError, SparseConfig, check_unit, load_config
+from ..patch import find_shipped_config, last_report, patch_model, resolve_config, unpatch_model
+from ..patches import UnsupportedModelError, adapter_for
+from ..plan import PATTERNS
+from .cli import add_rope_scaling, device, format_length, integer, length, lengths, output_problem
+from .datasets_eval import Example, benchmark_samples, dataset_arg, read_examples
+from .markdown import fidelity_cells, num, table
 from .models import DTYPES, SMOLLM2, cache_kwarg, context_length, load_model
-from .patch import find_shipped_config, last_report, patch_model, resolve_config, unpatch_model
-from .patches import UnsupportedModelError, adapter_for
-from .plan import PATTERNS
 from .tasks import TASKS, Haystack, Sample, make_samples
 
 ALIASES = {p.alias: name for name, p in PATTERNS.items() if p.alias != name}  # uniform-<alias>
@@ -146,10 +148,11 @@ def evaluate(
 
     Args:
         model, tokenizer: a loaded causal LM (unpatched; left unpatched) and its tokenizer.
-        config: the sparse config to patch with. min_seq_len: passed to :func:`patch_model`.
-        samples: prompts from :func:`sparse_prefill.tasks.make_samples` or
-            :func:`sparse_prefill.datasets_eval.benchmark_samples` (a task's samples together); batches hold one task,
-            length and generation length. A progress bar per task.
+        config: the sparse config to patch with, once for the whole run (:func:`patched`).
+        min_seq_len: passed to :func:`patch_model`.
+        samples: prompts from :func:`~sparse_prefill.tools.tasks.make_samples` or
+            :func:`~sparse_prefill.tools.datasets_eval.benchmark_samples` (a task's samples together); batches hold one
+            task, length and generation length. A progress bar per task.
     Returns:
         Records with the sample fields, ``metric``, per mode ``prediction``, ``score``, ``prefill_s`` (of the sample's
         batch), ``agree`` (the two predictions are equal), ``top1``, ``kl``, ``top1_first``, ``kl_first`` (of the
@@ -157,45 +160,66 @@ def evaluate(
     """
     modules = adapter_for(model).attention_modules(model)
     eos = _eos_ids(model, tokenizer)
-    unpatch_model(model)
-    batches = []
+    batches = _batches(samples, batch_size)
+    heads = len(config.layers[0])
+    records = []
+    with torch.inference_mode(), patched(model, config, min_seq_len) as use:
+        _warm_up(model, use, tokenizer, batches[0], modules)
+        for task in dict.fromkeys(b[0].task for b in batches):
+            for batch in tqdm([b for b in batches if b[0].task == task], desc=task, unit="batch", disable=not progress):
+                records += _run_batch(model, use, tokenizer, heads, modules, eos, batch)
+    return records
+
+
+@contextlib.contextmanager
+def patched(model, config: SparseConfig, min_seq_len: int):
+    """Patch ``model`` once for a whole run and yield ``use(mode)``, which switches it to ``"dense"`` (the attention it
+    had before) or ``"patched"``; the model starts patched and is unpatched at the end.
+
+    The switch is transformers' ``set_attn_implementation`` and leaves the patch in place, so the plans one batch
+    builds (cached index parts, CUDA graphs) serve the next instead of being rebuilt per batch. Dense runs are the
+    stock implementation itself, as unpatched.
+    """
+    stock = model.config._attn_implementation
+    patch_model(model, config, min_seq_len=min_seq_len)
+    implementation = {"dense": stock, "patched": model.config._attn_implementation}
+    try:
+        yield lambda mode: model.set_attn_implementation(implementation[mode])
+    finally:
+        unpatch_model(model)
+
+
+def _batches(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
+    """Consecutive samples of one task, length and generation length, up to ``batch_size`` a batch."""
+    batches: list[list[Sample]] = []
     for s in samples:
         last = batches[-1] if batches else None
         if last and len(last) < batch_size and _batch_key(last[0]) == _batch_key(s):
             last.append(s)
         else:
             batches.append([s])
-    records = []
-    with torch.inference_mode():
-        _warm_up(model, config, min_seq_len, tokenizer, batches[0], modules)
-        for task in dict.fromkeys(b[0].task for b in batches):
-            for batch in tqdm([b for b in batches if b[0].task == task], desc=task, unit="batch", disable=not progress):
-                records += _run_batch(model, tokenizer, config, min_seq_len, modules, eos, batch)
-    return records
+    return batches
 
 
 def _batch_key(sample) -> tuple:
     return sample.task, sample.length, sample.max_new_tokens
 
 
-def _run_batch(model, tokenizer, config, min_seq_len, modules, eos, batch: list[Sample]) -> list[dict]:
+def _run_batch(model, use, tokenizer, heads: int, modules, eos, batch: list[Sample]) -> list[dict]:
     ids, mask = _encode(tokenizer, [s.prompt for s in batch], model.device)
     steps = batch[0].max_new_tokens
+    use("dense")
     dense = prefill(model, modules, ids, mask)
     d_tokens, d_logits = decode(model, dense.cache, mask, dense.logits, steps, eos)
     dense.cache = None  # free it before the patched run allocates its own
-    patch_model(model, config, min_seq_len=min_seq_len)
-    try:
-        sparse = prefill(model, modules, ids, mask)
-        # Read before the next prefill replaces it.
-        report = [(r.path, r.density, r.choices) for r in last_report(model)]
-        _, f_logits = decode(model, sparse.cache, mask, sparse.logits, d_tokens.shape[1], eos, forced=d_tokens)
-        # Back to the prompt: decode steps run dense either way, so this equals a fresh patched prefill.
-        sparse.cache.crop(-(sparse.cache.get_seq_length() - ids.shape[1]))
-        p_tokens, _ = decode(model, sparse.cache, mask, sparse.logits, steps, eos)
-    finally:
-        unpatch_model(model)
-    heads = len(config.layers[0])
+    use("patched")
+    sparse = prefill(model, modules, ids, mask)
+    # Read before the next prefill replaces it.
+    report = [(r.path, r.density, r.choices) for r in last_report(model)]
+    _, f_logits = decode(model, sparse.cache, mask, sparse.logits, d_tokens.shape[1], eos, forced=d_tokens)
+    # Back to the prompt: decode steps run dense either way, so this equals a fresh patched prefill.
+    sparse.cache.crop(-(sparse.cache.get_seq_length() - ids.shape[1]))
+    p_tokens, _ = decode(model, sparse.cache, mask, sparse.logits, steps, eos)
     records = []
     for b, sample in enumerate(batch):
         n = _answer_len(d_tokens[b], eos)
@@ -237,16 +261,13 @@ def _run_batch(model, tokenizer, config, min_seq_len, modules, eos, batch: list[
     return records
 
 
-def _warm_up(model, config, min_seq_len, tokenizer, batch, modules) -> None:
+def _warm_up(model, use, tokenizer, batch, modules) -> None:
     """One short prefill per mode, so first-call costs stay out of the timings."""
     ids, mask = _encode(tokenizer, [batch[0].prompt], model.device)
     ids, mask = ids[:, -1024:], mask[:, -1024:]
-    prefill(model, modules, ids, mask)
-    patch_model(model, config, min_seq_len=min_seq_len)
-    try:
+    for mode in ("dense", "patched"):
+        use(mode)
         prefill(model, modules, ids, mask)
-    finally:
-        unpatch_model(model)
 
 
 def _encode(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,39 +393,96 @@ def summarize(records: list[dict], lengths: list[int], depths: list[float]) -> d
 def summary_markdown(results: dict) -> str:
     """summary.md: the run's settings and markdown tables of :func:`summarize`'s aggregates."""
     meta, s = results["meta"], results["summary"]
-    lengths = meta["lengths"]
-    cols = [_k(n) for n in lengths]
-    cfg = meta["config"]
-    lines = [
-        f"# sparse_prefill evaluation: {meta['model']}",
-        "",
-        f"- model: `{meta['model']}` ({_shape(meta['model_info'])})",
-        (
-            f"- config: {cfg['source']}; made for `{cfg['made_for']}`; patterns: {cfg['patterns']}; "
-            f"provenance: `{json.dumps(cfg['provenance'])}`"
-        ),
-        f"- min_seq_len: {meta['min_seq_len']} (prompts with fewer keys run dense)",
-        (
+    grid, per = s["needle_grid"], s["per_length"]
+    sections = [
+        [f"# sparse_prefill evaluation: {meta['model']}"],
+        _settings(meta),
+        _accuracy_table(meta, s["accuracy"]),
+        _per_task_table(s["per_task"]),
+        *([_needle_table(meta, grid)] if grid else []),
+        _fidelity_table(meta, per),
+        _per_layer_table(meta, per),
+    ]
+    lines = [line for section in sections for line in (*section, "")]
+    if grid:
+        lines += ["![needle grid](needle_grid.png)", ""]
+    lines += [f"![patterns; text = density at {format_length(s['head_density_length'])}](patterns.png)", ""]
+    return "\n".join(lines)
+
+
+def _settings(meta: dict) -> list[str]:
+    """The run's model, config (its provenance summarised), prompts and machine, one bullet each."""
+    cfg, cols = meta["config"], [format_length(n) for n in meta["lengths"]]
+    if meta["datasets"]:
+        prompts = (
+            f"- datasets: {', '.join(meta['datasets'])}; tasks: {', '.join(meta['tasks'])}; "
+            f"{meta['limit'] or 'all'} examples per task; prompts cut to {cols[0]} tokens with the answer"
+        )
+    else:
+        prompts = (
             f"- tasks: {', '.join(meta['tasks'])}; lengths: {', '.join(cols)} (prompt + answer tokens); "
             f"needle depths: {meta['depths']}; samples: {meta['samples']} per needle cell / per task and length; "
             f"seed {meta['seed']}; haystack: {meta['haystack']}"
         )
-        if not meta["datasets"]
-        else (
-            f"- datasets: {', '.join(meta['datasets'])}; tasks: {', '.join(meta['tasks'])}; "
-            f"{meta['limit'] or 'all'} examples per task; prompts cut to {cols[0]} tokens with the answer"
+    return [
+        f"- model: `{meta['model']}` ({_shape(meta['model_info'])})",
+        (
+            f"- config: {cfg['source']}; made for `{cfg['made_for']}`; patterns: {cfg['patterns']}; "
+            f"provenance: {provenance_summary(cfg['provenance'])} (in full in results.json)"
         ),
+        f"- min_seq_len: {meta['min_seq_len']} (prompts with fewer keys run dense)",
+        prompts,
         (
             f"- {meta['device']} {meta['dtype']}, {meta['threads']} torch threads, batch size {meta['batch_size']}; "
             f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}"
         ),
-        "",
+    ]
+
+
+def provenance_summary(provenance: dict) -> str:
+    """One line for a config's provenance: per-head arrays (a calibration's recall and density, a conversion's scores)
+    as count, mean and range; lists of records counted; other values as they are, up to a length (a source URL fits,
+    an explanation is named only)."""
+    parts = []
+    for key, value in provenance.items():
+        numbers = list(_flat_numbers(value))
+        if isinstance(value, list) and value and isinstance(value[0], list) and numbers:
+            parts.append(
+                f"{key}: {len(numbers)} values, mean {statistics.fmean(numbers):.4g}, "
+                f"{min(numbers):.4g} to {max(numbers):.4g}"
+            )
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            parts.append(f"{key}: {len(value)}")
+        elif len(text := value if isinstance(value, str) else json.dumps(value)) <= 150:
+            parts.append(f"{key}: {text}")
+        else:
+            parts.append(key)
+    return "; ".join(parts) or "none"
+
+
+def _flat_numbers(value):
+    """The numbers of a (nested) list, else nothing."""
+    if isinstance(value, list):
+        for v in value:
+            yield from _flat_numbers(v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+def _accuracy_table(meta: dict, accuracy: dict) -> list[str]:
+    lengths = meta["lengths"]
+    return [
         "## Accuracy (dense / patched)",
         "",
-        *_table(
-            ["task", *cols], [[task, *(_pair(row[str(n)]) for n in lengths)] for task, row in s["accuracy"].items()]
+        *table(
+            ["task", *map(format_length, lengths)],
+            [[task, *(_pair(row[str(n)]) for n in lengths)] for task, row in accuracy.items()],
         ),
-        "",
+    ]
+
+
+def _per_task_table(per_task: dict) -> list[str]:
+    return [
         "## Per task",
         "",
         (
@@ -413,7 +491,7 @@ def summary_markdown(results: dict) -> str:
             "first generated token; prefill: median seconds; density: computed tiles over causal tiles."
         ),
         "",
-        *_table(
+        *table(
             ["task", "metric", "samples", "score", "agree", "first token top-1", "first token KL", "prefill s"]
             + ["density"],
             [
@@ -422,33 +500,36 @@ def summary_markdown(results: dict) -> str:
                     t["metric"],
                     t["samples"],
                     _pair(t),
-                    _f(t["agree"]),
-                    _f(t["top1_first"]),
-                    _f(t["kl_first"], 4),
-                    f"{_f(t['prefill_dense_s'], 2)} / {_f(t['prefill_patched_s'], 2)} ({t['speedup']:.2f}×)",
-                    _f(t["density"]),
+                    num(t["agree"]),
+                    num(t["top1_first"]),
+                    num(t["kl_first"], 4),
+                    f"{num(t['prefill_dense_s'], 2)} / {num(t['prefill_patched_s'], 2)} ({t['speedup']:.2f}×)",
+                    num(t["density"]),
                 ]
-                for task, t in s["per_task"].items()
+                for task, t in per_task.items()
             ],
         ),
     ]
-    if s["needle_grid"]:
-        grid = s["needle_grid"]
-        lines += [
-            "",
-            "## Needle in a haystack (dense / patched), depth × length",
-            "",
-            *_table(
-                ["depth", *cols],
-                [
-                    [f"{d:g}", *(_pair({m: grid[m][i][j] for m in ("dense", "patched")}) for j in range(len(lengths)))]
-                    for i, d in enumerate(grid["depths"])
-                ],
-            ),
-        ]
-    per = s["per_length"]
-    lines += [
+
+
+def _needle_table(meta: dict, grid: dict) -> list[str]:
+    lengths = meta["lengths"]
+    return [
+        "## Needle in a haystack (dense / patched), depth × length",
         "",
+        *table(
+            ["depth", *map(format_length, lengths)],
+            [
+                [f"{d:g}", *(_pair({m: grid[m][i][j] for m in ("dense", "patched")}) for j in range(len(lengths)))]
+                for i, d in enumerate(grid["depths"])
+            ],
+        ),
+    ]
+
+
+def _fidelity_table(meta: dict, per: dict) -> list[str]:
+    lengths = meta["lengths"]
+    return [
         "## Fidelity, prefill latency and density",
         "",
         (
@@ -458,29 +539,17 @@ def summary_markdown(results: dict) -> str:
             "of the prompt (time to first token), warm-up excluded; density: computed tiles over causal tiles."
         ),
         "",
-        *_table(
-            [
-                "length",
-                "samples",
-                "top-1",
-                "KL (nats)",
-                "attn rel. err (worst layer)",
-                "prefill dense s",
-                "prefill patched s",
-                "speedup",
-                "density",
-            ],
+        *table(
+            ["length", "samples", "top-1", "KL (nats)", "attn rel. err (worst layer)", "prefill dense s"]
+            + ["prefill patched s", "speedup", "density"],
             [
                 [
-                    _k(n),
-                    p["samples"],
-                    _f(p["top1"]),
-                    _f(p["kl"], 4),
-                    f"{_f(p['attn_rel_err'], 4)} ({_f(max(p['layer_attn_rel_err']), 4)})",
-                    _f(p["prefill_dense_s"], 2),
-                    _f(p["prefill_patched_s"], 2),
+                    format_length(n),
+                    *fidelity_cells(p),
+                    num(p["prefill_dense_s"], 2),
+                    num(p["prefill_patched_s"], 2),
                     f"{p['speedup']:.2f}×",
-                    _f(p["density"]),
+                    num(p["density"]),
                 ]
                 for n in lengths
                 for p in [per[str(n)]]
@@ -490,50 +559,37 @@ def summary_markdown(results: dict) -> str:
         (
             "Patterns run, over samples, layers and heads (adaptive heads choose per sample): "
             + "; ".join(
-                f"{_k(n)}: " + ", ".join(f"{p} {c}" for p, c in per[str(n)]["patterns_run"].items()) for n in lengths
+                f"{format_length(n)}: " + ", ".join(f"{p} {c}" for p, c in per[str(n)]["patterns_run"].items())
+                for n in lengths
             )
         ),
-        "",
+    ]
+
+
+def _per_layer_table(meta: dict, per: dict) -> list[str]:
+    lengths = meta["lengths"]
+    return [
         "## Per layer: density / attention rel. error",
         "",
-        *_table(
-            ["layer", "patterns", *cols],
+        *table(
+            ["layer", "patterns", *map(format_length, lengths)],
             [
                 [
                     i,
                     meta["config"]["layer_patterns"][i],
                     *(
-                        f"{_f(per[str(n)]['layer_density'][i])} / {_f(per[str(n)]['layer_attn_rel_err'][i], 4)}"
+                        f"{num(per[str(n)]['layer_density'][i])} / {num(per[str(n)]['layer_attn_rel_err'][i], 4)}"
                         for n in lengths
                     ),
                 ]
                 for i in range(len(per[str(lengths[0])]["layer_density"]))
             ],
         ),
-        "",
-    ]
-    if s["needle_grid"]:
-        lines += ["![needle grid](needle_grid.png)", ""]
-    lines += [f"![patterns; text = density at {_k(s['head_density_length'])}](patterns.png)", ""]
-    return "\n".join(lines)
-
-
-def _table(header: list, rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(map(str, row)) + " |" for row in rows
     ]
 
 
 def _pair(cell: dict) -> str:
-    return f"{_f(cell['dense'])} / {_f(cell['patched'])}"
-
-
-def _f(x, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _k(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+    return f"{num(cell['dense'])} / {num(cell['patched'])}"
 
 
 def _shape(info: dict) -> str:
@@ -591,7 +647,7 @@ def write_outputs(results: dict, config: SparseConfig, out: Path) -> None:
             tmp / "patterns.png",
             s["head_density"],
             title=f"{results['meta']['config']['made_for']}: pattern per head (adaptive: the most frequent choice), "
-            f"text = density at {_k(s['head_density_length'])} tokens",
+            f"text = density at {format_length(s['head_density_length'])} tokens",
             chosen=s["head_pattern"],
         )
         if out.exists():
@@ -630,10 +686,6 @@ def _tasks(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown task(s) {unknown or text!r}; choose from {', '.join(TASKS)}")
     return list(dict.fromkeys(names))
-
-
-def _lengths(text: str) -> list[int]:
-    return sorted(set(parse_lengths(text, MIN_LENGTH)))
 
 
 def _depths(text: str) -> list[float]:
@@ -687,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_tasks, default=list(TASKS), help=f"comma list of {', '.join(TASKS)} (default all)")
     p.add_argument(
         "--lengths",
-        type=_lengths,
+        type=lengths(MIN_LENGTH, distinct=True),
         default=[1024, 2048, 4096],
         help="lengths in tokens (prompt + answer), e.g. 1k,2k,4k",
     )
@@ -757,11 +809,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_arg(value: str | None, model) -> str | SparseConfig | None:
-    """--config as patch_model takes it: None, a path, or a uniform config for this model's shape."""
+def resolve(model, args) -> SparseConfig:
+    """The config the run patches with: the one ``patch_model(model, --config, mode=--mode, gamma=, tau=)`` would
+    use, resolved without patching. Raises what patch_model would: UnsupportedModelError, ConfigError (also a config
+    made for another shape), OSError, or ValueError (gamma / tau for a config without adaptive heads)."""
+    info = adapter_for(model).model_info(model)
+    return resolve_config(model, _config_arg(args.config, info), mode=args.mode, gamma=args.gamma, tau=args.tau)
+
+
+def _config_arg(value: str | None, info) -> str | SparseConfig | None:
+    """--config as resolve_config takes it: None, a path, or a uniform config for this model's shape."""
     if value is None or not value.startswith("uniform-"):
         return value
-    return SparseConfig.uniform(adapter_for(model).model_info(model), _uniform_pattern(value))
+    return SparseConfig.uniform(info, _uniform_pattern(value))
 
 
 def _uniform_pattern(value: str) -> str:
@@ -790,6 +850,36 @@ def main(argv: list[str] | None = None) -> int:
     def fail(arg: str, message) -> None:
         parser.error(f"argument {arg}: {message}")  # exits with code 2
 
+    # Every argument is checked before the model loads, its fit to the model before anything runs.
+    haystack, examples = _check_arguments(args, fail)
+    try:
+        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device, args.rope_scaling)
+    except (OSError, ValueError) as e:
+        fail("--model", e)
+    config = _resolve_or_fail(model, args, fail)
+    samples = _samples(args, model, tokenizer, examples, haystack, fail)
+    records = evaluate(
+        model,
+        tokenizer,
+        config,
+        samples,
+        min_seq_len=args.min_seq_len,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    results = {
+        "meta": run_meta(args, model, config),
+        "summary": summarize(records, args.lengths, args.depths),
+        "samples": records,
+    }
+    write_outputs(results, config, args.out)
+    print(f"sparse-prefill-eval: wrote {args.out}")
+    return 0
+
+
+def _check_arguments(args, fail) -> tuple[Haystack | None, list[Example]]:
+    """Refuse, through ``fail(argument, message)``, what can be refused before the model loads. Returns the haystack
+    and the --dataset examples."""
     try:
         haystack = Haystack(args.haystack) if args.haystack else None
     except (OSError, ValueError) as e:
@@ -818,7 +908,15 @@ def main(argv: list[str] | None = None) -> int:
         fail("--out", problem)
     if not args.dataset and (args.limit or args.max_length):
         fail("--limit" if args.limit else "--max-length", "applies to --dataset runs")
-    examples = []
+    examples = _read_datasets(args, fail)
+    if args.model != SMOLLM2 and not Path(args.model).is_dir():
+        fail("--model", f"{args.model!r} is neither {SMOLLM2!r} nor a local model folder")
+    return haystack, examples
+
+
+def _read_datasets(args, fail) -> list[Example]:
+    """The examples of every --dataset, in order; a task read from two datasets is refused."""
+    examples: list[Example] = []
     for fmt, path in args.dataset:
         try:
             read = read_examples(fmt, path, args.limit)
@@ -827,20 +925,24 @@ def main(argv: list[str] | None = None) -> int:
         if twice := {e.task for e in examples} & {e.task for e in read}:
             fail("--dataset", f"{fmt}:{path}: task(s) {', '.join(sorted(twice))} already read from another dataset")
         examples += read
-    if args.model != SMOLLM2 and not Path(args.model).is_dir():
-        fail("--model", f"{args.model!r} is neither {SMOLLM2!r} nor a local model folder")
+    return examples
+
+
+def _resolve_or_fail(model, args, fail) -> SparseConfig:
+    """:func:`resolve`, its errors reported against the argument they come from."""
     try:
-        model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device, args.rope_scaling)
-    except (OSError, ValueError) as e:
-        fail("--model", e)
-    try:
-        config = resolve_config(model, _config_arg(args.config, model), mode=args.mode, gamma=args.gamma, tau=args.tau)
+        return resolve(model, args)
     except UnsupportedModelError as e:
         fail("--model", e)
     except (ConfigError, OSError) as e:
         fail("--config", e)
     except ValueError as e:  # gamma / tau given for a config without adaptive heads
         fail("--gamma" if args.gamma is not None else "--tau", e)
+
+
+def _samples(args, model, tokenizer, examples: list[Example], haystack: Haystack | None, fail) -> list[Sample]:
+    """The run's prompts, within the model's context. A --dataset run's tasks and its one length become ``args.tasks``
+    and ``args.lengths`` (no depths), as the outputs report them."""
     context = context_length(model.config)
     if args.dataset:
         if not (args.max_length or context):
@@ -851,65 +953,51 @@ def main(argv: list[str] | None = None) -> int:
             samples = benchmark_samples(tokenizer, examples, args.max_length or context)
         except ValueError as e:
             fail("--max-length", e)
-        # The run's tasks and its one length, as the outputs report them.
         args.tasks, args.lengths, args.depths = list(dict.fromkeys(s.task for s in samples)), [samples[0].length], []
-    else:
-        if context and max(args.lengths) > context:
-            fail("--lengths", f"{max(args.lengths)} exceeds the model's context of {context} tokens")
-        try:
-            samples = make_samples(tokenizer, args.tasks, args.lengths, args.depths, args.samples, args.seed, haystack)
-        except ValueError as e:
-            fail("--lengths", e)
+        return samples
+    if context and max(args.lengths) > context:
+        fail("--lengths", f"{max(args.lengths)} exceeds the model's context of {context} tokens")
+    try:
+        return make_samples(tokenizer, args.tasks, args.lengths, args.depths, args.samples, args.seed, haystack)
+    except ValueError as e:
+        fail("--lengths", e)
 
-    records = evaluate(
-        model,
-        tokenizer,
-        config,
-        samples,
-        min_seq_len=args.min_seq_len,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
+
+def run_meta(args, model, config: SparseConfig) -> dict:
+    """results.json's ``meta``: what ran (model, config, prompts) and where (device, threads, versions)."""
     info = adapter_for(model).model_info(model)
-    results = {
-        "meta": {
-            "model": args.model if args.model != SMOLLM2 else info.name,
-            "model_info": vars(info),
-            "config": {
-                "source": _adaptive_source(args) if args.mode == "adaptive" else args.config or _default_source(info),
-                "made_for": config.model.name,
-                "provenance": config.provenance,
-                "patterns": dict(Counter(h.pattern for layer in config.layers for h in layer)),
-                "layer_patterns": _layer_patterns(config),
-                "min_seq_len": config.min_seq_len,
-                "json": config.to_dict(),
-            },
-            "min_seq_len": args.min_seq_len,
-            "datasets": [f"{fmt}:{path}" for fmt, path in args.dataset],
-            "limit": args.limit,
-            "tasks": args.tasks,
-            "lengths": args.lengths,
-            "depths": args.depths,
-            "samples": args.samples,
-            "seed": args.seed,
-            "haystack": str(args.haystack or "built-in"),
-            "device": args.device,
-            "dtype": args.dtype,
-            "batch_size": args.batch_size,
-            "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
-            "versions": {
-                "sparse_prefill": __version__,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-            },
+    return {
+        "model": args.model if args.model != SMOLLM2 else info.name,
+        "model_info": vars(info),
+        "config": {
+            "source": _adaptive_source(args) if args.mode == "adaptive" else args.config or _default_source(info),
+            "made_for": config.model.name,
+            "provenance": config.provenance,
+            "patterns": dict(Counter(h.pattern for layer in config.layers for h in layer)),
+            "layer_patterns": _layer_patterns(config),
+            "min_seq_len": config.min_seq_len,
+            "json": config.to_dict(),
         },
-        "summary": summarize(records, args.lengths, args.depths),
-        "samples": records,
+        "min_seq_len": args.min_seq_len,
+        "datasets": [f"{fmt}:{path}" for fmt, path in args.dataset],
+        "limit": args.limit,
+        "tasks": args.tasks,
+        "lengths": args.lengths,
+        "depths": args.depths,
+        "samples": args.samples,
+        "seed": args.seed,
+        "haystack": str(args.haystack or "built-in"),
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "versions": {
+            "sparse_prefill": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
     }
-    write_outputs(results, config, args.out)
-    print(f"sparse-prefill-eval: wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,410 +6,36 @@ answers, and the depth of the queried needle in the context (0 = start, 1 = end)
 user file); the passkey task keeps its own repeated noise filler, as in RULER.
 
 * ``niah``: one "special magic number" needle; run over the depth × length grid.
-* ``passkey``: a 5-digit pass key in noise (:func:`sparse_prefill.prompts.passkey_prompt`).
+* ``passkey``: a 5-digit pass key in noise (:func:`sparse_prefill.tools.prompts.passkey_prompt`).
 * ``multikey``: the queried needle among distractor needles with other keys.
 * ``kv``: key-value retrieval from a JSON object of UUID pairs filling the context.
 * ``vt``: variable tracking: follow a chain of ``VAR X = VAR Y`` assignments, name every variable in it.
 * ``cwe``: common-words extraction: the 10 most frequent words of a numbered list (no needle, depth None).
+
+Calibration reads the same content as token ids of an exact length: :func:`kv_prompt`, :func:`multi_needle_prompt`.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import string
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import ClassVar
 
 from .metrics import string_match_all
-from .prompts import passkey_prompt
+from .prompts import chat, chat_ids, encode, n_tokens, natural_prompt, passkey_prompt
 
-# Word lists for the filler grammar, needle keys and the common-words task (320 distinct words).
-NOUNS = [
-    "anchor",
-    "apple",
-    "archive",
-    "attic",
-    "bakery",
-    "balcony",
-    "banner",
-    "barn",
-    "basket",
-    "beacon",
-    "bell",
-    "bench",
-    "blanket",
-    "boat",
-    "bottle",
-    "bridge",
-    "bucket",
-    "cabin",
-    "cable",
-    "camera",
-    "canal",
-    "candle",
-    "canyon",
-    "carpet",
-    "castle",
-    "cathedral",
-    "cellar",
-    "chair",
-    "chapel",
-    "chimney",
-    "clock",
-    "cloud",
-    "coast",
-    "compass",
-    "cottage",
-    "courtyard",
-    "crate",
-    "creek",
-    "cupboard",
-    "curtain",
-    "desk",
-    "diary",
-    "doorway",
-    "dragon",
-    "drawer",
-    "drum",
-    "engine",
-    "factory",
-    "farm",
-    "feather",
-    "fence",
-    "ferry",
-    "field",
-    "flag",
-    "flute",
-    "forest",
-    "fountain",
-    "garden",
-    "gate",
-    "glacier",
-    "globe",
-    "harbor",
-    "harvest",
-    "helmet",
-    "hill",
-    "hive",
-    "horizon",
-    "island",
-    "jacket",
-    "journal",
-    "kettle",
-    "kitchen",
-    "ladder",
-    "lake",
-    "lamp",
-    "lantern",
-    "letter",
-    "library",
-    "lighthouse",
-    "map",
-    "market",
-    "meadow",
-    "mill",
-    "mirror",
-    "monastery",
-    "mountain",
-    "museum",
-    "needle",
-    "notebook",
-    "oak",
-    "observatory",
-    "orchard",
-    "oven",
-    "paddle",
-    "painting",
-    "palace",
-    "parcel",
-    "pasture",
-    "pebble",
-    "pencil",
-    "piano",
-    "pier",
-    "pillow",
-    "pine",
-    "pipe",
-    "plank",
-    "pocket",
-    "pond",
-    "porch",
-    "puzzle",
-    "quarry",
-    "quilt",
-    "radio",
-    "railway",
-    "raven",
-    "ribbon",
-    "ridge",
-    "river",
-    "road",
-    "rooftop",
-    "rope",
-    "saddle",
-    "sail",
-    "satchel",
-    "scarf",
-    "school",
-    "shelf",
-    "shell",
-    "ship",
-    "shovel",
-    "signal",
-    "silver",
-    "skyline",
-    "sled",
-    "spoon",
-    "spring",
-    "staircase",
-    "statue",
-    "station",
-    "stone",
-    "storm",
-    "stove",
-    "stream",
-    "street",
-    "summit",
-    "sundial",
-    "swan",
-    "table",
-    "telescope",
-    "tent",
-    "theater",
-    "thread",
-    "tower",
-    "tractor",
-    "trail",
-    "train",
-    "tram",
-    "tunnel",
-    "umbrella",
-    "valley",
-    "vase",
-    "village",
-    "vineyard",
-    "violin",
-    "wagon",
-    "wall",
-    "wardrobe",
-    "watch",
-    "waterfall",
-    "well",
-    "whistle",
-    "willow",
-    "window",
-    "windmill",
-    "workshop",
-]
-ADJECTIVES = [
-    "ancient",
-    "bitter",
-    "bold",
-    "brave",
-    "brief",
-    "bright",
-    "broad",
-    "busy",
-    "calm",
-    "careful",
-    "cheerful",
-    "clever",
-    "cold",
-    "crisp",
-    "curious",
-    "damp",
-    "dark",
-    "distant",
-    "dusty",
-    "eager",
-    "early",
-    "empty",
-    "faint",
-    "famous",
-    "fierce",
-    "fragile",
-    "gentle",
-    "golden",
-    "grand",
-    "green",
-    "grey",
-    "heavy",
-    "hidden",
-    "hollow",
-    "humble",
-    "icy",
-    "kind",
-    "large",
-    "lively",
-    "lonely",
-    "loud",
-    "lucky",
-    "modest",
-    "narrow",
-    "neat",
-    "noble",
-    "odd",
-    "old",
-    "pale",
-    "patient",
-    "plain",
-    "polished",
-    "proud",
-    "quiet",
-    "rapid",
-    "rare",
-    "restless",
-    "rough",
-    "round",
-    "rusty",
-    "salty",
-    "sharp",
-    "shiny",
-    "silent",
-    "simple",
-    "slow",
-    "small",
-    "smooth",
-    "soft",
-    "solemn",
-    "sparse",
-    "steady",
-    "steep",
-    "stern",
-    "stormy",
-    "strange",
-    "sturdy",
-    "sudden",
-    "sunny",
-    "swift",
-    "tall",
-    "tender",
-    "thick",
-    "thin",
-    "tidy",
-    "tiny",
-    "tired",
-    "vast",
-    "velvet",
-    "warm",
-    "weary",
-    "wild",
-    "wise",
-    "wooden",
-    "worn",
-    "young",
-]
-VERBS = [
-    "admired",
-    "borrowed",
-    "built",
-    "carried",
-    "cleaned",
-    "copied",
-    "counted",
-    "covered",
-    "crossed",
-    "delivered",
-    "described",
-    "discovered",
-    "drew",
-    "emptied",
-    "explored",
-    "fixed",
-    "folded",
-    "followed",
-    "found",
-    "gathered",
-    "guarded",
-    "hid",
-    "lifted",
-    "measured",
-    "mended",
-    "moved",
-    "noticed",
-    "opened",
-    "painted",
-    "polished",
-    "praised",
-    "questioned",
-    "raised",
-    "recorded",
-    "remembered",
-    "repaired",
-    "rescued",
-    "returned",
-    "sketched",
-    "sold",
-    "sorted",
-    "studied",
-    "swept",
-    "tested",
-    "traded",
-    "visited",
-    "washed",
-    "watched",
-    "weighed",
-    "wrapped",
-]
-NAMES = [
-    "Ada",
-    "Bruno",
-    "Clara",
-    "Dmitri",
-    "Elena",
-    "Farid",
-    "Greta",
-    "Hugo",
-    "Ingrid",
-    "Jonas",
-    "Keiko",
-    "Lucia",
-    "Marco",
-    "Nadia",
-    "Oskar",
-    "Priya",
-    "Quentin",
-    "Rosa",
-    "Samuel",
-    "Talia",
-    "Ulrich",
-    "Vera",
-    "Walter",
-    "Yusuf",
-    "Zora",
-]
-TIMES = [
-    "In the spring",
-    "Every morning",
-    "Late one evening",
-    "Long ago",
-    "After the harvest",
-    "Before dawn",
-    "During the winter",
-    "On market days",
-    "Once a year",
-    "That summer",
-    "Most afternoons",
-    "At first light",
-]
-TEMPLATES = [
-    "{time}, {name} {verb} the {adj} {noun} near the {noun2}.",
-    "The {noun} by the {noun2} was {adj}, and nobody could say why.",
-    "{name} thought the {noun} looked more {adj} than the {noun2}.",
-    "People in the {noun2} often talked about the {adj} {noun} that {name} had {verb}.",
-    "When the {noun} finally arrived, {name} {verb} it with great care.",
-    "It is said that {a_adj} {noun} once stood beside the old {noun2}.",
-    "{name} kept a {adj} {noun} on the shelf, next to the {noun2}.",
-    "There was no {noun} in the village that {name} had not {verb} at least once.",
-    "By evening the {noun} had become {adj}, so {name} {verb} the {noun2} instead.",
-    "{time}, the {adj} {noun} drew visitors from the far side of the {noun2}.",
-    "Nobody expected {name} to be so {adj} about the {noun}.",
-    "{time}, {name} and {name2} {verb} the {noun} and walked home past the {adj} {noun2}.",
-]
+# Word lists for the filler grammar, needle keys and the common-words task (320 distinct words), and the sentence
+# templates of the grammar: data, in data/filler.json.
+_FILLER = json.loads(resources.files(__package__).joinpath("data", "filler.json").read_text(encoding="utf-8"))
+NOUNS, ADJECTIVES, VERBS = _FILLER["nouns"], _FILLER["adjectives"], _FILLER["verbs"]
+NAMES, TIMES, TEMPLATES = _FILLER["names"], _FILLER["times"], _FILLER["templates"]
 WORDS = sorted(set(NOUNS) | set(ADJECTIVES) | set(VERBS))
 
 NEEDLE_INSTRUCTION = (
@@ -484,17 +110,6 @@ def _sentence(rng: random.Random) -> str:
     )
 
 
-def chat(tokenizer, user: str, answer_prefix: str) -> str:
-    return (
-        tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-        + answer_prefix
-    )
-
-
-def n_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-
 def fit(tokenizer, length: int, build: Callable[[int], Sample]) -> Sample:
     """``build(n)`` with as many filler units ``n`` as fit: the prompt is at most ``length`` tokens, and close to it.
 
@@ -529,22 +144,28 @@ def insert(sentences: list[str], needles: list[tuple[float, str]], sep: str = " 
     return sep.join(parts)
 
 
-def _magic_key(rng: random.Random) -> str:
-    return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+def magic_keys(rng: random.Random, n: int) -> list[str]:
+    """``n`` distinct needle keys like ``quiet-lantern``."""
+    keys: list[str] = []
+    while len(keys) < n:
+        if (key := f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}") not in keys:
+            keys.append(key)
+    return keys
 
 
-def _magic(key: str, value: int) -> str:
+def magic_needle(key: str, value: int) -> str:
     return f"One of the special magic numbers for {key} is: {value}."
+
+
+def magic_value(rng: random.Random) -> int:
+    return rng.randint(10**6, 10**7 - 1)
 
 
 def make_niah(tokenizer, length: int, depth: float, rng: random.Random, haystack: Haystack, distractors: int = 0):
     """Single needle (``distractors=0``) or multi-key needle: distractor needles with other keys at random depths."""
-    keys = []
-    while len(keys) < distractors + 1:
-        if (key := _magic_key(rng)) not in keys:
-            keys.append(key)
-    values = [rng.randint(10**6, 10**7 - 1) for _ in keys]
-    needles = [(depth if i == 0 else rng.random(), _magic(k, v)) for i, (k, v) in enumerate(zip(keys, values))]
+    keys = magic_keys(rng, distractors + 1)
+    values = [magic_value(rng) for _ in keys]
+    needles = [(depth if i == 0 else rng.random(), magic_needle(k, v)) for i, (k, v) in enumerate(zip(keys, values))]
     stream = f"{rng.random()}"
     question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
     prefix = f"The special magic number for {keys[0]} mentioned in the provided text is"
@@ -566,24 +187,25 @@ def make_passkey(tokenizer, length, depth, rng, haystack):
     return Sample("passkey", length, depth, prompt, [key])
 
 
-def _uuid(rng: random.Random) -> str:
+def random_uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
+KV_ANSWER = "The value associated with the key is"
 
 
 def make_kv(tokenizer, length, depth, rng, haystack):
     """A JSON object of UUID pairs fills the whole context; the queried pair sits at ``depth``."""
-    key, value = _uuid(rng), _uuid(rng)
+    key, value = random_uuid(rng), random_uuid(rng)
     stream = f"{rng.random()}"
 
     def build(n: int) -> Sample:
         pairs_rng = random.Random(stream)
-        pairs = [f'"{_uuid(pairs_rng)}": "{_uuid(pairs_rng)}",' for _ in range(n)]
+        pairs = [f'"{random_uuid(pairs_rng)}": "{random_uuid(pairs_rng)}",' for _ in range(n)]
         body = insert(pairs, [(depth, f'"{key}": "{value}",')], sep="\n")
-        user = (
-            "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n"
-            f'{{\n{body.rstrip(",")}\n}}\n\nKey: "{key}"\nCorresponding value:'
-        )
-        return Sample("kv", length, depth, chat(tokenizer, user, "The value associated with the key is"), [value])
+        user = f'{KV_INSTRUCTION}\n\nJSON data:\n{{\n{body.rstrip(",")}\n}}\n\nKey: "{key}"\nCorresponding value:'
+        return Sample("kv", length, depth, chat(tokenizer, user, KV_ANSWER), [value])
 
     return fit(tokenizer, length, build)
 
@@ -637,6 +259,33 @@ def make_cwe(tokenizer, length, depth, rng, haystack, num_cw: int = 10):
         return Sample("cwe", length, None, chat(tokenizer, user, prefix), list(common))
 
     return fit(tokenizer, length, build)
+
+
+# Token-exact prompts (calibration's): the tasks' content, assembled as token ids of exactly ``length``.
+
+
+def kv_prompt(tokenizer, length: int, rng: random.Random) -> list[int]:
+    """``kv``'s JSON object of UUID pairs and its question about one key, as exactly ``length`` token ids."""
+    lines, total = [], 0
+    while total < length:
+        pair = (random_uuid(rng), random_uuid(rng))
+        lines.append((pair, encode(tokenizer, f'"{pair[0]}": "{pair[1]}",\n')))
+        total += len(lines[-1][1])
+    body = encode(tokenizer, f"{KV_INSTRUCTION}\n\nJSON data:\n{{\n") + [t for _, ids in lines for t in ids]
+    # Ask about a pair that survives trimming (the body loses at most its last few pairs).
+    key = lines[rng.randrange(max(1, len(lines) - 8))][0][0]
+    return chat_ids(tokenizer, body, f'Key: "{key}"\nCorresponding value:', KV_ANSWER, length)
+
+
+def multi_needle_prompt(tokenizer, text_ids: list[int], length: int, rng: random.Random, needles: int = 4):
+    """Several ``niah`` needles at random depths of natural text (token ids of :func:`natural_text`), then a question
+    for all of them, as exactly ``length`` token ids."""
+    keys = magic_keys(rng, needles)
+    body = natural_prompt(text_ids, length, rng)
+    for key, at in zip(keys, sorted(rng.sample(range(length - 200), needles), reverse=True)):
+        body[at:at] = encode(tokenizer, f" {magic_needle(key, magic_value(rng))} ")
+    question = f"What are the special magic numbers for {', '.join(keys)} mentioned in the provided text?"
+    return chat_ids(tokenizer, body, question, "The special magic numbers are", length)
 
 
 TASKS: dict[str, Task] = {

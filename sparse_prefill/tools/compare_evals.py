@@ -1,6 +1,7 @@
 """Compare sparse-prefill-eval runs made on the same prompts: one markdown table per aspect, plus the numbers as JSON.
 
-    python scripts/compare_evals.py calibrated=out/calibrated_4k adaptive=out/adaptive_4k --out out/summary.md
+    python -m sparse_prefill.tools.compare_evals calibrated=out/calibrated_4k adaptive=out/adaptive_4k \
+        --out out/summary.md
 
 Runs of one name at other lengths (calibrated=out/calibrated_8k) share that name's column.
 
@@ -15,24 +16,15 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli import format_length
+from .markdown import fidelity_cells, num, row, table
+
 
 def load(spec: str) -> tuple[str, dict]:
     name, _, folder = spec.partition("=")
     if not folder:
         raise SystemExit(f"compare_evals: expected name=folder, got {spec!r}")
     return name, json.loads((Path(folder) / "results.json").read_text())
-
-
-def _k(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
-
-
-def _f(x, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _row(cells: list) -> str:
-    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def _describe(results: dict) -> str:
@@ -69,12 +61,12 @@ def compare(runs: list[tuple[str, dict]]) -> tuple[str, dict]:
     for name, r in runs:
         m = r["meta"]
         lines.append(
-            f"- **{name}**, {', '.join(map(_k, m['lengths']))}: {_describe(r)}; tasks {', '.join(m['tasks'])}; "
-            f"needle depths {m['depths']}"
+            f"- **{name}**, {', '.join(map(format_length, m['lengths']))}: {_describe(r)}; "
+            f"tasks {', '.join(m['tasks'])}; needle depths {m['depths']}"
         )
     numbers: dict = {"runs": names, "lengths": {}}
     lines += ["", "## Accuracy (score per task: dense, then each run patched)", ""]
-    lines += [_row(["length", "task", "dense", *names]), "|" + "---|" * (3 + len(names))]
+    lines += table(["length", "task", "dense", *names], [])
     for n in lengths:
         having = {name: at(name, n) for name in names if at(name, n)}
         tasks = list(dict.fromkeys(t for r in having.values() for t in r["summary"]["accuracy"]))
@@ -85,12 +77,12 @@ def compare(runs: list[tuple[str, dict]]) -> tuple[str, dict]:
             agree = all(c is None or c["dense"] == dense for c in cells.values())
             per["accuracy"][task] = {"dense": dense, **{k: c and c["patched"] for k, c in cells.items()}}
             lines.append(
-                _row(
+                row(
                     [
-                        _k(n),
+                        format_length(n),
                         task,
-                        _f(dense) + ("" if agree else " (runs differ)"),
-                        *(_f(cells[k]["patched"]) if cells.get(k) else "-" for k in names),
+                        num(dense) + ("" if agree else " (runs differ)"),
+                        *(num(cells[k]["patched"]) if cells.get(k) else "-" for k in names),
                     ]
                 )
             )
@@ -103,10 +95,11 @@ def compare(runs: list[tuple[str, dict]]) -> tuple[str, dict]:
         "tiles over causal tiles, mean over samples, layers and heads; patterns run: per sample, layer and head "
         "(adaptive heads choose per input).",
         "",
-        _row(
-            ["length", "run", "samples", "top-1", "KL (nats)", "attn rel. err (worst layer)", "density", "patterns run"]
+        *table(
+            ["length", "run", "samples", "top-1", "KL (nats)", "attn rel. err (worst layer)", "density"]
+            + ["patterns run"],
+            [],
         ),
-        "|" + "---|" * 8,
     ]
     for n in lengths:
         for name in names:
@@ -119,15 +112,12 @@ def compare(runs: list[tuple[str, dict]]) -> tuple[str, dict]:
             }
             run = ", ".join(f"{k} {v}" for k, v in (p.get("patterns_run") or {}).items())
             lines.append(
-                _row(
+                row(
                     [
-                        _k(n),
+                        format_length(n),
                         name,
-                        p["samples"],
-                        _f(p["top1"]),
-                        _f(p["kl"], 4),
-                        f"{_f(p['attn_rel_err'], 4)} ({_f(max(p['layer_attn_rel_err']), 4)})",
-                        _f(p["density"]),
+                        *fidelity_cells(p),
+                        num(p["density"]),
                         run,
                     ]
                 )

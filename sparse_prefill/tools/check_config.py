@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Fidelity of a sparse config on held-out text: next-token distributions of the patched model against dense.
 
-    python scripts/check_config.py                                   # the shipped config of the model
-    python scripts/check_config.py --config configs/smollm2-135m-instruct.json
-    python scripts/check_config.py --uniform a_shape:local=0.2       # one pattern on every head, for comparison
+    python -m sparse_prefill.tools.check_config                              # the shipped config of the model
+    python -m sparse_prefill.tools.check_config --config configs/smollm2-135m-instruct.json
+    python -m sparse_prefill.tools.check_config --uniform a_shape:local=0.2  # one pattern on every head, for comparison
 
 For each of --samples windows of --length tokens of held-out English (text the calibration never reads; or --text),
 compares the last --last positions: top-1 agreement and mean KL(dense || sparse). The density is the mean tile density
@@ -15,16 +14,15 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from pathlib import Path
 
 import torch
 
-from pathlib import Path
-
-from sparse_prefill import ConfigError, ModelInfo, SparseConfig, last_report, load_config, patch_model, unpatch_model
-from sparse_prefill.calibrate import DTYPES, natural_prompt, natural_text
-from sparse_prefill.cli import device, integer, length
-from sparse_prefill.models import SMOLLM2, load_model
-from sparse_prefill.patches import adapter_for
+from .. import ConfigError, ModelInfo, SparseConfig, last_report, load_config, patch_model, unpatch_model
+from ..patches import adapter_for
+from .cli import device, integer, length
+from .models import DTYPES, SMOLLM2, load_model
+from .prompts import natural_prompt, natural_text
 
 ANY_SHAPE = ModelInfo("any", "llama", 1, 1, 1, 1)  # to check a --uniform spec before the model is known
 

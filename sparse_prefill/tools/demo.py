@@ -1,19 +1,18 @@
 """Demo: SmolLM2 answers a passkey hidden in a ~4K-token prompt, dense and patched; prints answers, prefill latency
-and the achieved density. Run with ``make demo`` or ``python -m sparse_prefill.demo``."""
+and the achieved density. Run with ``make demo`` or ``python -m sparse_prefill.tools.demo``."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
 
-from . import last_report, patch_model, unpatch_model
-from .cli import device, length
-from .config import ConfigError, load_config
+from .. import last_report, patch_model, unpatch_model
+from ..config import ConfigError, load_config
+from ..patches import adapter_for
+from .cli import device, fraction, length
 from .models import load_model
-from .patches import adapter_for
 from .prompts import passkey_prompt
 
 
@@ -36,20 +35,10 @@ def answer(model, tok, ids: torch.Tensor) -> str:
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def _depth(text: str) -> float:
-    try:
-        depth = float(text)
-    except ValueError:
-        depth = math.nan
-    if not 0 <= depth <= 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
-    return depth
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=length(256), default=4096, help="prompt length, e.g. 4096 or 4k (default)")
-    parser.add_argument("--depth", type=_depth, default=0.5, help="where the passkey sits, 0..1 (default 0.5)")
+    parser.add_argument("--depth", type=fraction(), default=0.5, help="where the passkey sits, 0..1 (default 0.5)")
     parser.add_argument("--config", default=None, help="JSON config (default: the one shipped for SmolLM2)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

@@ -2,8 +2,9 @@
 
     sparse-prefill-calibrate --model smollm2 --lengths 2k,4k --samples 4 --recall 0.9 --budget 0.5
 
-1. Prompts are built in code (deterministic under ``--seed``): passkey, key-value retrieval and multi-needle prompts,
-   and raw windows of natural English (CPython's own reference manual, ``pydoc_data.topics``; no download).
+1. Prompts are built in code (deterministic under ``--seed``): the eval's passkey, key-value and magic-number needle
+   content (:mod:`~sparse_prefill.tools.tasks`, cut to exact token counts) and raw windows of natural English
+   (CPython's own reference manual, ``pydoc_data.topics``; no download).
 2. One dense prefill per prompt captures every layer's post-RoPE q/k through transformers' attention interface.
 3. For every layer, each candidate (A-shape, vertical-slash and block-sparse at several budgets, adaptive at several
    ``gamma``, and dense) is built for all heads at once with :func:`~sparse_prefill.plan.build_index`, as at run
@@ -41,15 +42,16 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cli import add_rope_scaling, device, integer, lengths, output_problem
-from .config import AUTO, DEFAULT_MIN_SEQ_LEN, FORMAT, PATTERN_DEFAULTS, HeadSpec, ModelInfo, SparseConfig
-from .plan import build_index, registry
-from .index import BLOCK, SparseIndex
-from .masks import block_mask
-from .ops import cdiv
-from .report import tile_density
+from ..config import AUTO, DEFAULT_MIN_SEQ_LEN, FORMAT, PATTERN_DEFAULTS, HeadSpec, ModelInfo, SparseConfig
+from ..index import BLOCK, SparseIndex
+from ..masks import block_mask
+from ..ops import cdiv
+from ..plan import build_index, registry
+from ..report import tile_density
+from .cli import add_rope_scaling, device, fraction, integer, lengths, output_problem
 from .models import DTYPES
-from .prompts import passkey_prompt
+from .prompts import encode, natural_prompt, natural_text, passkey_prompt
+from .tasks import kv_prompt, multi_needle_prompt
 
 KINDS = ("natural", "multi_needle", "passkey", "kv_retrieval")
 CAPTURE = "sp_capture"
@@ -81,74 +83,7 @@ CANDIDATES: list[HeadSpec] = (
 PATTERNS = tuple(dict.fromkeys(c.pattern for c in CANDIDATES if c.pattern != "dense"))
 
 
-# --- calibration text and prompts ---------------------------------------------------------------------------------
-
-
-def natural_text(split: str = "calibration") -> str:
-    """English prose from the Python reference manual that CPython ships (``pydoc_data.topics``, ~465 KB).
-
-    Every fourth topic (in sorted order) is held out for checks, the rest is calibration text, so a check never
-    measures on text the calibration saw.
-    """
-    from pydoc_data.topics import topics
-
-    if split not in ("calibration", "heldout"):
-        raise ValueError(f"split: must be 'calibration' or 'heldout', got {split!r}")
-    held = split == "heldout"
-    return "\n\n".join(topics[k] for i, k in enumerate(sorted(topics)) if (i % 4 == 3) == held)
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def _chat(tokenizer, body: list[int], question: str, answer: str, n_tokens: int) -> list[int]:
-    """A chat prompt of exactly n_tokens: template head, body (trimmed to fit), question, assistant start, answer."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "\0"}], tokenize=False, add_generation_prompt=True
-    )
-    head, tail = text.split("\0")
-    pre, post = _encode(tokenizer, head), _encode(tokenizer, "\n" + question + tail + answer)
-    return pre + body[: n_tokens - len(pre) - len(post)] + post
-
-
-def natural_prompt(text_ids: list[int], n_tokens: int, rng: random.Random) -> list[int]:
-    """n_tokens consecutive tokens of the text from a random offset (the text repeats if it is shorter): a long
-    document as a language model reads it."""
-    ids = text_ids * math.ceil((n_tokens + 1) / len(text_ids))
-    start = rng.randrange(len(ids) - n_tokens)
-    return ids[start : start + n_tokens]
-
-
-def _hex_id(rng: random.Random) -> str:
-    return f"{rng.getrandbits(32):08x}-{rng.getrandbits(16):04x}"
-
-
-def kv_prompt(tokenizer, n_tokens: int, rng: random.Random) -> list[int]:
-    """Key-value retrieval: a JSON object of random hex keys and values, then a question about one key."""
-    lines, total = [], 0
-    while total < n_tokens:
-        pair = (_hex_id(rng), _hex_id(rng))
-        lines.append((pair, _encode(tokenizer, f'  "{pair[0]}": "{pair[1]}",\n')))
-        total += len(lines[-1][1])
-    body = [t for _, ids in lines for t in ids]
-    # Ask about a pair that survives trimming (the body loses at most its last ~100 tokens).
-    key = lines[rng.randrange(max(1, len(lines) - 8))][0][0]
-    question = f'Extract the value corresponding to the key "{key}" from the JSON object above.'
-    return _chat(tokenizer, _encode(tokenizer, "{\n") + body, question, f'The value of "{key}" is "', n_tokens)
-
-
-CITIES = ("Paris", "Lima", "Oslo", "Cairo", "Kyoto", "Quito", "Dakar", "Perth", "Sofia", "Hanoi")
-
-
-def multi_needle_prompt(tokenizer, text_ids: list[int], n_tokens: int, rng: random.Random, needles: int = 4):
-    """Several 'special magic number' sentences hidden at random depths of natural text, then a question for all."""
-    names = rng.sample(CITIES, needles)
-    body = natural_prompt(text_ids, n_tokens, rng)
-    for name, at in zip(names, sorted(rng.sample(range(n_tokens - 200), needles), reverse=True)):
-        body[at:at] = _encode(tokenizer, f" The special magic number for {name} is {rng.randint(100000, 999999)}. ")
-    question = f"What are the special magic numbers for {', '.join(names)}?"
-    return _chat(tokenizer, body, question, "The special magic numbers are", n_tokens)
+# --- calibration prompts -----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -159,7 +94,7 @@ class Prompt:
 
 def calibration_prompts(tokenizer, lengths: list[int], samples: int, seed: int, text: str | None = None):
     """``samples`` :class:`Prompt` per length; the kinds (:data:`KINDS`) take turns across all prompts."""
-    text_ids = _encode(tokenizer, text if text is not None else natural_text("calibration"))
+    text_ids = encode(tokenizer, text if text is not None else natural_text("calibration"))
     out = []
     for n in lengths:
         for i in range(samples):
@@ -169,7 +104,7 @@ def calibration_prompts(tokenizer, lengths: list[int], samples: int, seed: int, 
                 ids = natural_prompt(text_ids, n, rng)
             elif kind == "passkey":
                 prompt, _ = passkey_prompt(tokenizer, n, depth=rng.random(), seed=rng.randrange(1 << 30))
-                ids = _encode(tokenizer, prompt)
+                ids = encode(tokenizer, prompt)
             elif kind == "kv_retrieval":
                 ids = kv_prompt(tokenizer, n, rng)
             else:
@@ -376,14 +311,14 @@ def calibrate(
     progress: bool = True,
 ) -> SparseConfig:
     """Calibrate a per-head config for ``model`` (see the module docstring)."""
-    from . import __version__
+    from .. import __version__
 
     start = time.time()
     prompts = calibration_prompts(tokenizer, lengths, samples, seed, text)
     rec, dens = measure(model, prompts, candidates, seed, progress)
     choice = select(rec, dens, candidates, target, budget)
     provenance = {
-        "tool": "sparse_prefill.calibrate",
+        "tool": "sparse_prefill.calibrate",  # the name shipped configs carry: kept across the move to tools/
         "version": __version__,
         "date": datetime.date.today().isoformat(),
         "model": info.name,
@@ -405,18 +340,8 @@ def calibrate(
 # --- command line -----------------------------------------------------------------------------------------------
 
 
-def _fraction(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = math.nan
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {value!r}")
-    return x
-
-
 def _budget(value: str) -> float | None:
-    return None if value.lower() == "none" else _fraction(value)
+    return None if value.lower() == "none" else fraction(low_open=True)(value)
 
 
 def _patterns(value: str) -> tuple[str, ...]:
@@ -449,7 +374,12 @@ def parser() -> argparse.ArgumentParser:
         default=PATTERNS,
         help=f"candidate patterns, a comma list of {', '.join(PATTERNS)} (default all); dense is always one",
     )
-    p.add_argument("--recall", type=_fraction, default=0.9, help="recall a head must reach on every sample, in (0, 1]")
+    p.add_argument(
+        "--recall",
+        type=fraction(low_open=True),
+        default=0.9,
+        help="recall a head must reach on every sample, in (0, 1]",
+    )
     p.add_argument(
         "--budget",
         type=_budget,
@@ -475,9 +405,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import save_config
+    from ..config import save_config
     from .models import SMOLLM2, SMOLLM2_GGUF, context_length, load_model
-    from .patches import adapter_for
+    from ..patches import adapter_for
 
     p = parser()
     args = p.parse_args(argv)
