@@ -101,6 +101,7 @@ def test_an_ambiguous_shape_gets_the_default_with_one_warning(caplog):
     with caplog.at_level(logging.INFO, logger="sparse_prefill"):
         config = patch_model(model)
     assert {s.pattern for heads in config.layers for s in heads} == {"vertical_slash"}
+    assert {s.params["slash_select"] for heads in config.layers for s in heads} == {"token"}  # docs/fidelity.md
     assert config.provenance == {"tool": "SparseConfig.uniform"}
     [warning] = [r.message for r in caplog.records]
     assert "2 shipped configs have its shape" in warning and "llama-3.1-8b-instruct.json" in warning

@@ -840,7 +840,10 @@ def _adaptive_source(args) -> str:
 def _default_source(info) -> str:
     if find_shipped_config(info) is not None:
         return "the shipped config for this model (patch_model(model, None))"
-    return "the default: vertical_slash on every head at MInference's budgets (no shipped config for this model)"
+    return (
+        "the default: vertical_slash on every head at MInference's budgets, token slashes (no shipped config for "
+        "this model)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
