@@ -37,4 +37,4 @@ test-gpu: install
 	$(PYTHON) -m pytest -q -m gpu
 
 checkstyle: install
-	$(PYTHON) -m ruff check sparse_prefill patches scripts tests
+	$(PYTHON) -m ruff check sparse_prefill patches scripts benchmarks tests

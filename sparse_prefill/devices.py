@@ -6,7 +6,7 @@ class or head_dim without an entry gets the conservative fallback, never a guess
 
 ``MIN_SEQ_LEN``, the dense-fallback crossover: the smallest key length from which the whole sparse path (index
 building + kernel, vertical-slash at the default budgets) beat dense SDPA cuDNN on one layer at every larger measured
-length. ``scripts/bench_crossover.py`` measures it and prints the exact lines to paste here. A config's
+length. ``benchmarks/bench_crossover.py`` measures it and prints the exact lines to paste here. A config's
 ``"min_seq_len": "auto"`` (the default) and ``patch_model(min_seq_len="auto")`` read this table per call, on the
 device of that call's query, so a model moved or split across GPUs after patching still gets its devices' values.
 
@@ -26,7 +26,7 @@ from .dense import flash_attn_error
 
 AUTO = "auto"  # a min_seq_len read from MIN_SEQ_LEN per call
 
-# (device class, head_dim) -> dense-fallback crossover in keys, from the lines `python scripts/bench_crossover.py`
+# (device class, head_dim) -> dense-fallback crossover in keys, from the lines `python benchmarks/bench_crossover.py`
 # prints on that device.
 MIN_SEQ_LEN: dict[tuple[str, int], int] = {
     # benchmarks/results/bench_crossover_h200.md / _hd96.md (streaming estimation, CUDA-graphed selection): sparse
@@ -44,7 +44,7 @@ MIN_SEQ_LEN: dict[tuple[str, int], int] = {
 # A100. Pass min_seq_len=0 to force the sparse path.
 FALLBACK_MIN_SEQ_LEN = 65536
 
-# (device class, head_dim) -> "flash_attn" where it measured faster than SDPA cuDNN (scripts/bench_crossover.py).
+# (device class, head_dim) -> "flash_attn" where it measured faster than SDPA cuDNN (benchmarks/bench_crossover.py).
 DENSE_BACKEND: dict[tuple[str, int], str] = {}
 DENSE_BACKENDS = ("auto", "sdpa", "flash_attn")
 

@@ -1,4 +1,5 @@
-"""The end-to-end and crossover benchmarks: their rules (crossover, mixed config, targets) and their CPU smoke runs."""
+"""The benchmarks (benchmarks/): their rules (crossover, mixed config, targets, needed density) and their CPU smoke
+runs."""
 
 import csv
 import importlib.util
@@ -11,12 +12,16 @@ import pytest
 from sparse_prefill import ModelInfo
 from sparse_prefill.config import PATTERN_DEFAULTS
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # as when run as a script: `from common import ...` finds benchmarks/common.py
 
 
 def load(name: str):
+    """A benchmark (benchmarks/<name>.py) or a user tool (scripts/<name>.py) as a module."""
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        folder = BENCHMARKS if name.startswith("bench_") else ROOT / "scripts"
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -113,7 +118,6 @@ def test_e2e_budget_skips_groups(tmp_path):
 
 
 def test_fallback_smoke_run(capsys):
-    load("bench_e2e")  # bench_fallback imports it by name
     load("bench_fallback").main(["--smoke", "--models", "llama3-8b"])
     out = capsys.readouterr().out
     assert "patched path: kv_len 128 < min_seq_len" in out  # the patched model really took the fallback
@@ -168,7 +172,7 @@ def test_recall_bench_writes_its_table(tmp_path):
     argv = ["--tasks", "passkey", "--length", "1k", "--gammas", "0.9", "--out", str(out)]
     assert load("bench_recall").main(argv) == 0
     text = out.read_text()
-    assert "`python scripts/bench_recall.py --tasks passkey --length 1k --gammas 0.9 --out" in text
+    assert "`python benchmarks/bench_recall.py --tasks passkey --length 1k --gammas 0.9 --out" in text
     assert "## passkey, " in text and "| config | " in text and "| adaptive, gamma 0.9 | " in text
 
 
@@ -201,7 +205,6 @@ def test_layer_smoke_run_of_one_config_layer(tmp_path):
 
 
 def test_long_smoke_run(tmp_path):
-    load("bench_e2e")  # bench_long imports it by name
     bench = load("bench_long")
     out = tmp_path / "long"
     assert bench.main(["--smoke", "--out", str(out)]) == 0
@@ -220,7 +223,6 @@ def test_long_smoke_run(tmp_path):
 
 
 def test_long_chunk_must_be_a_block_multiple(tmp_path, capsys):
-    load("bench_e2e")
     with pytest.raises(SystemExit):
         load("bench_long").main(["--smoke", "--chunk", "100", "--out", str(tmp_path / "long")])
     assert "--chunk: must be a positive multiple of 64" in capsys.readouterr().err

@@ -4,27 +4,22 @@ A benchmark, not a test: random weights give near-uniform attention, so the conf
 search does the same work as on a trained model of that shape (every layer captured, every head's candidates scored).
 The tokenizer only builds the prompts; any local tokenizer folder does (``tokenizer.save_pretrained`` of SmolLM2's):
 
-    python scripts/bench_calibrate.py --tokenizer DIR --shape llama3-8b --lengths 32k --out benchmarks/results
+    python benchmarks/bench_calibrate.py --tokenizer DIR --shape llama3-8b --lengths 32k --out benchmarks/results
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import MODELS, build_model, device_name, versions, versions_text, write_md
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_e2e import MODELS, build_model  # noqa: E402
-
-from sparse_prefill.tools.calibrate import calibrate, summary  # noqa: E402
-from sparse_prefill.tools.cli import parse_lengths  # noqa: E402
-from sparse_prefill.patches import adapter_for  # noqa: E402
+from sparse_prefill.patches import adapter_for
+from sparse_prefill.tools.calibrate import calibrate, summary
+from sparse_prefill.tools.cli import parse_lengths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     config = calibrate(model, tokenizer, info, args.lengths, args.samples, 0, 0.9, 0.5, None, "auto")
     seconds = time.perf_counter() - t0
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()})"
+    name = device_name(device == "cuda")
     lines = [
         f"# Calibration time, random-init {args.shape} shape{' (smoke: tiny shape)' if args.smoke else ''}",
         "",
-        f"{name}; torch {torch.__version__}, python {platform.python_version()}",
+        f"{name}; {versions_text(versions(), ('torch', 'python'))}",
         "",
         "| shape | lengths | samples | layers x heads | calibration s | model build s |",
         "|---|---|---|---|---|---|",
@@ -65,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         summary(config),
         "```",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"bench_calibrate_{args.shape}{'_smoke' if args.smoke else ''}.md"
-    out.write_text("\n".join(lines) + "\n")
+    write_md(args.out / f"bench_calibrate_{args.shape}{'_smoke' if args.smoke else ''}.md", lines)
     print("\n".join(lines[:8]), flush=True)
     return 0
 

@@ -16,40 +16,37 @@ A benchmark (CUDA, bf16 or fp32; ``--device cpu`` runs fp32, for short lengths),
 The text is the held-out split of ``sparse_prefill.tools.calibrate.natural_text``: neither calibration nor the eval
 CLI's prompts read it. Writes fidelity.md, fidelity.csv and needed_density.png under --out.
 
-    python scripts/bench_fidelity.py --lengths 4k,8k,16k,32k --out benchmarks/results/fidelity_smollm2_h200
+    python benchmarks/bench_fidelity.py --lengths 4k,8k,16k,32k --out benchmarks/results/fidelity_smollm2_h200
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import platform
 import random
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import transformers
+from common import device_name, md_table, versions, versions_text, write_csv, write_md
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sparse_prefill.tools.calibrate import calibrate, capturing, natural_text, recall, row_groups  # noqa: E402
-from sparse_prefill.tools.cli import parse_lengths  # noqa: E402
-from sparse_prefill.config import SparseConfig  # noqa: E402
-from sparse_prefill.plan import build_index  # noqa: E402
-from sparse_prefill.report import tile_density  # noqa: E402
-from sparse_prefill.tools.models import SMOLLM2, load_model  # noqa: E402
-from sparse_prefill.patch import last_report, patch_model, resolve_config, unpatch_model  # noqa: E402
-from sparse_prefill.patches import adapter_for  # noqa: E402
-from sparse_prefill.tools.prompts import passkey_prompt  # noqa: E402
+from sparse_prefill.config import SparseConfig
+from sparse_prefill.patch import last_report, patch_model, resolve_config, unpatch_model
+from sparse_prefill.patches import adapter_for
+from sparse_prefill.plan import build_index
+from sparse_prefill.report import tile_density
+from sparse_prefill.tools.calibrate import calibrate, capturing, natural_text, recall, row_groups
+from sparse_prefill.tools.cli import parse_lengths
+from sparse_prefill.tools.models import SMOLLM2, load_model
+from sparse_prefill.tools.prompts import passkey_prompt
 
 NATIVE = 8192  # SmolLM2's trained context
 SCORED = 512  # next-token positions scored per text window
 DEPTHS = (0.1, 0.5, 0.9)  # passkey depths per length
 TOP1, KL = 0.99, 0.01  # what "keeps fidelity" means
 COLUMNS = ("length", "rope", "setting", "density", "recall", "top1", "kl", "passkeys", "dense_passkeys")
+DENSE_COLUMNS, DENSE_HEADER = ("length", "rope", "ppl", "passkeys"), ("length", "rope", "perplexity", "passkeys")
 
 
 def windows(tokenizer, length: int, count: int, seed: int) -> list[torch.Tensor]:
@@ -234,16 +231,13 @@ def needed(rows: list[dict]) -> dict[int, dict]:
 
 
 def write(rows: list[dict], dense_rows: list[dict], args, device: str) -> None:
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()})"
-    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    with open(args.out / "fidelity.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows({c: r[c] for c in COLUMNS} for r in rows)
+    name = device_name(device == "cuda")
+    env = versions_text(versions(), ("torch", "transformers"))
+    write_csv(args.out / "fidelity.csv", rows, COLUMNS, cell=str)
     lines = [
         "# Fidelity against dense: SmolLM2-135M-Instruct on held-out natural text and passkeys",
         "",
-        f"`python scripts/bench_fidelity.py {' '.join(sys.argv[1:])}`; {name}; {versions}; {args.dtype}.",
+        f"`python benchmarks/bench_fidelity.py {' '.join(sys.argv[1:])}`; {name}; {env}; {args.dtype}.",
         f"top-1 and KL(dense || patched) over the last {SCORED} positions of {args.texts} held-out text windows; "
         f"passkeys at depths {', '.join(map(str, DEPTHS))} (not for ladder rows); density: computed 64x64 tiles "
         "over causal tiles; recall: "
@@ -251,15 +245,11 @@ def write(rows: list[dict], dense_rows: list[dict], args, device: str) -> None:
         "",
         "## Dense alone, per RoPE scaling",
         "",
-        "| length | rope | perplexity | passkeys |",
-        "|---|---|---|---|",
-        *(f"| {r['length']} | {r['rope']} | {r['ppl']:.2f} | {r['passkeys']} |" for r in dense_rows),
+        *md_table([{**r, "ppl": f"{r['ppl']:.2f}"} for r in dense_rows], DENSE_COLUMNS, DENSE_HEADER),
         "",
         "## Patched against dense",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-        *("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows),
+        *md_table(rows, COLUMNS, cell=_fmt),
         "",
         f"## Density needed for top-1 >= {TOP1} and KL <= {KL}",
         "",
@@ -269,7 +259,7 @@ def write(rows: list[dict], dense_rows: list[dict], args, device: str) -> None:
     need = needed(rows)
     for length, r in need.items():
         lines.append(f"| {length} | {r['density']:.3f} | {r['setting']} |" if r else f"| {length} | none | |")
-    (args.out / "fidelity.md").write_text("\n".join(lines) + "\n")
+    write_md(args.out / "fidelity.md", lines)
     print("\n".join(lines))
     plot(need, rows, args.out / "needed_density.png")
 

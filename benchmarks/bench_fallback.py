@@ -6,46 +6,33 @@ the two run in alternation (dense, patched, patched, dense, ...) on one model, p
 vertical-slash and ``min_seq_len="auto"``, so at 8K every layer takes the dense fallback; the paired difference of
 their times is what the patch costs. A CUDA profile of one forward each lists the kernels, to show they are the same.
 
-    python scripts/bench_fallback.py --models llama3-8b,qwen2-7b --length 8192 --pairs 16
-    python scripts/bench_fallback.py --smoke      # tiny models on the CPU: checks the script, measures nothing
+    python benchmarks/bench_fallback.py --models llama3-8b,qwen2-7b --length 8192 --pairs 16
+    python benchmarks/bench_fallback.py --smoke      # tiny models on the CPU: checks the script, measures nothing
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
+from common import MODELS, Clock, build_model, dense_sdpa, prefill, random_ids, run_device
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_e2e import MODELS, build_model, dense_context, ids_for, prefill  # noqa: E402
-
-from sparse_prefill import SparseConfig, last_report, patch_model  # noqa: E402
-from sparse_prefill.dispatch import ATTN_NAME  # noqa: E402
-from sparse_prefill.patches import adapter_for  # noqa: E402
-
-
-def sync(ids: torch.Tensor) -> None:
-    if ids.is_cuda:
-        torch.cuda.synchronize()
+from sparse_prefill import SparseConfig, last_report, patch_model
+from sparse_prefill.dispatch import ATTN_NAME
+from sparse_prefill.patches import adapter_for
 
 
 def timed(model, ids, impl: str) -> float:
     """ms of one prefill with ``impl`` as the attention implementation (SDPA backends: cuDNN first, as both use)."""
     model.set_attn_implementation(impl)
-    sync(ids)
-    start = time.perf_counter()
-    with dense_context():
-        out = prefill(model, ids)
-    sync(ids)
-    del out
-    return (time.perf_counter() - start) * 1e3
+
+    def run():
+        with dense_sdpa():
+            return prefill(model, ids)
+
+    return Clock(ids.device.type).once(run)
 
 
 def kernels(model, ids, impl: str, top: int) -> list[str]:
@@ -68,16 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=6, help="kernels listed per profile")
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
     args = p.parse_args(argv)
+    device, dtype = run_device(p, args.smoke)
     if args.smoke:
-        device, dtype, args.length, args.pairs = "cpu", torch.float32, 128, 2
-    elif not torch.cuda.is_available():
-        p.error("needs a CUDA device (or --smoke)")
-    else:
-        device, dtype = "cuda", torch.bfloat16
+        args.length, args.pairs = 128, 2
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}")
     for name in args.models.split(","):
         model = build_model(name, args.smoke, device, dtype)
-        ids = ids_for(model, args.length, device)
+        ids = random_ids(model, args.length, device)
         patch_model(model, SparseConfig.uniform(adapter_for(model).model_info(model), "vertical_slash"))
         for impl in ["sdpa", ATTN_NAME] * 3:  # warm-up
             timed(model, ids, impl)
@@ -85,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         logits = {}
         for impl in ["sdpa", ATTN_NAME]:  # under the same backend order: stock SDPA would take flash first
             model.set_attn_implementation(impl)
-            with dense_context():
+            with dense_sdpa():
                 logits[impl] = prefill(model, ids).logits.float()
         print(f"  last-token logits, max |dense - patched| = {(logits['sdpa'] - logits[ATTN_NAME]).abs().max():.3g}")
         times: dict[str, list[float]] = {"sdpa": [], ATTN_NAME: []}

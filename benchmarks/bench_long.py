@@ -1,8 +1,8 @@
 """Long prompts on one GPU: time to first token up to 1M tokens with chunked prefill, sparse vs dense.
 
-    python scripts/bench_long.py --slash-select block --out benchmarks/results/bench_long_h200  # H200: ~4 min
-    python scripts/bench_long.py --slash-select token --out benchmarks/results/bench_long_h200_token
-    python scripts/bench_long.py --smoke --out /tmp/long/bench_long_smoke     # CPU, tiny model, seconds
+    python benchmarks/bench_long.py --slash-select block --out benchmarks/results/bench_long_h200  # H200: ~4 min
+    python benchmarks/bench_long.py --slash-select token --out benchmarks/results/bench_long_h200_token
+    python benchmarks/bench_long.py --smoke --out /tmp/long/bench_long_smoke     # CPU, tiny model, seconds
 
 A random-init model of a real shape (``qwen2.5-7b-1m``: Qwen2.5-7B-Instruct-1M; ``llama3-8b``: Meta-Llama-3-8B, whose
 1M-token KV cache, 137 GB in bf16, does not fit next to its weights) is built directly on the GPU in bf16. Each TTFT is
@@ -28,63 +28,38 @@ its queries over every key). A row that runs out of GPU memory is written as ``O
 from __future__ import annotations
 
 import argparse
-import csv
-import gc
-import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_e2e import MODELS as E2E_MODELS  # noqa: E402
-from bench_e2e import (  # noqa: E402
+from common import (
     Clock,
-    _fmt,
-    _md,
-    _ms,
-    build_shape,
-    dense_context,
-    ids_for,
-    label,
+    M,
+    build_model,
+    dense_sdpa,
+    device_name,
+    length_label,
+    md_table,
+    ms_text,
     path_summary,
+    random_ids,
+    run_device,
     skip_attention,
+    suffixed,
     versions,
+    write_csv,
 )
 
-from sparse_prefill import SparseConfig, load_config, patch_model, unpatch_model  # noqa: E402
-from sparse_prefill.dense import dense_attention  # noqa: E402
-from sparse_prefill.layout import lower_right_mask  # noqa: E402
-from sparse_prefill.patches import adapter_for  # noqa: E402
+from sparse_prefill import SparseConfig, load_config, patch_model, unpatch_model
+from sparse_prefill.dense import dense_attention
+from sparse_prefill.layout import lower_right_mask
+from sparse_prefill.patches import adapter_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-M = 1 << 20
-# name -> (model_type, shape from the model's config.json, the shipped sparse config's file name)
-MODELS = {
-    "qwen2.5-7b-1m": (
-        "qwen2",
-        dict(
-            vocab_size=152064,
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            head_dim=128,
-            rope_theta=10000000.0,
-            max_position_embeddings=M + 1024,  # the real model's is 1010000: a 1M-token (2^20) prompt is past it
-            use_sliding_window=False,
-            tie_word_embeddings=False,
-        ),
-        "qwen2.5-7b-instruct-1m.json",
-    ),
-    # bench_e2e's Llama-3-8B shape, its positions stretched to 1M.
-    "llama3-8b": ("llama", {**E2E_MODELS["llama3-8b"][1], "max_position_embeddings": M + 1024}, None),
-}
+# The models this benchmark builds (shapes in common.MODELS), their positions past 1M, and the shipped sparse config
+# of each, if there is one. Llama-3-8B's 1M-token KV cache (137 GB in bf16) does not fit next to its weights.
+LONG = {"qwen2.5-7b-1m": "qwen2.5-7b-instruct-1m.json", "llama3-8b": None}
 DENSE, SKIP = "sp_long_dense", "sp_long_skip"
 COLUMNS = ["model", "S", "config", "ttft_ms", "speedup", "extrapolated", "peak_gb", "host_rss_gb", "path", "density"]
 META = ["device", "dtype", "chunk", "torch", "transformers", "sparse_prefill"]
@@ -113,25 +88,15 @@ def sparse_config(model, config_file: str | None, smoke: bool) -> tuple[SparseCo
 
 def ttft(model, ids, chunk: int, clock: Clock, reps: int) -> tuple[float, float | None]:
     """(median ms of ``reps`` chunked generate(max_new_tokens=1), peak GB over them)."""
-    times, peak = [], None
-    for _ in range(reps):
-        gc.collect()
-        clock.sync()
-        if clock.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        with torch.no_grad(), dense_context():
-            out = model.generate(
+
+    def run():
+        with torch.no_grad(), dense_sdpa():
+            return model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0,
                 prefill_chunk_size=chunk,
             )  # fmt: skip
-        clock.sync()
-        times.append((time.perf_counter() - start) * 1e3)
-        del out
-        if clock.cuda:
-            peak = max(peak or 0.0, torch.cuda.max_memory_allocated() / 2**30)
-    return sorted(times)[len(times) // 2], peak
+
+    return clock.run(run, reps, warmup=0, free=True)
 
 
 def host_rss_gb() -> float:
@@ -147,7 +112,7 @@ def extrapolate(rows: list[dict], name: str) -> None:
     if not pairs:
         return
     c = sum(a * S**2 for S, a in pairs) / sum(S**4 for S, _ in pairs)
-    fit = f"ceiling + {c * 2**20:.4g} ms x (S/1K)^2, fit on {', '.join(label(S) for S, _ in pairs)}"
+    fit = f"ceiling + {c * 2**20:.4g} ms x (S/1K)^2, fit on {', '.join(length_label(S) for S, _ in pairs)}"
     for (S, config), ceiling in sorted(mine.items()):
         if config == "ceiling" and (S, "dense") not in mine:
             rows.append(
@@ -166,7 +131,7 @@ def finish(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="qwen2.5-7b-1m", help=f"comma-separated, of {sorted(MODELS)}")
+    p.add_argument("--models", default="qwen2.5-7b-1m", help=f"comma-separated, of {sorted(LONG)}")
     p.add_argument("--lengths", default="131072,262144,524288,1048576")
     p.add_argument("--chunk", type=int, default=32768, help="prefill_chunk_size (a multiple of 64)")
     p.add_argument("--dense-max", type=int, default=262144, help="dense is measured up to this length, then fitted")
@@ -183,22 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: exercises every path, measures nothing")
     args = p.parse_args(argv)
     names = args.models.split(",")
-    if unknown := set(names) - set(MODELS):
-        p.error(f"--models: unknown {sorted(unknown)}; known: {sorted(MODELS)}")
+    if unknown := set(names) - set(LONG):
+        p.error(f"--models: unknown {sorted(unknown)}; known: {sorted(LONG)}")
     lengths = sorted(int(s) for s in args.lengths.split(","))
     if bad := set(args.slash_select) - {"token", "block"}:
         p.error(f"--slash-select: each must be token or block, got {sorted(bad)}")
     if args.chunk <= 0 or args.chunk % 64:
         p.error(f"--chunk: must be a positive multiple of 64 (the index's block), got {args.chunk}")
+    device, dtype = run_device(p, args.smoke)
     if args.smoke:
         lengths, args.chunk, args.dense_max = [256, 512], 128, 256
-        device, dtype = "cpu", torch.float32
-    elif not torch.cuda.is_available():
-        p.error("needs a CUDA device (or --smoke)")
-    else:
-        device, dtype = "cuda", torch.bfloat16
     meta = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()})",
+        "device": device_name(device == "cuda"),
         "dtype": str(dtype).removeprefix("torch."),
         "chunk": args.chunk,
         **versions(),
@@ -210,10 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     register()
     print(f"{meta['device']}; {versions()}; chunk {args.chunk}", flush=True)
     for name in names:
-        model_type, shape, config_file = MODELS[name]
         t0 = time.perf_counter()
-        model = build_shape(name, model_type, shape, args.smoke, device, dtype)
-        config, source = sparse_config(model, config_file, args.smoke)
+        model = build_model(name, args.smoke, device, dtype, max_position_embeddings=M + 1024)
+        config, source = sparse_config(model, LONG[name], args.smoke)
         meta["notes"].append(f"{name}: sparse config {source}; built in {time.perf_counter() - t0:.1f} s")
         print(meta["notes"][-1], flush=True)
         sparse_runs = {  # one run per slash selection asked for, else the config as it is
@@ -229,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         for config_name, setup in runs.items():
             setup(model)
             # Warm-up (kernels, autotuning): two chunks run the first-chunk and later-chunk paths alike.
-            ttft(model, ids_for(model, min(lengths[0], 2 * args.chunk), device), args.chunk, clock, 1)
+            ttft(model, random_ids(model, min(lengths[0], 2 * args.chunk), device), args.chunk, clock, 1)
             for S in lengths:
                 if config_name == "dense" and S > args.dense_max:
                     continue
@@ -237,12 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                     prev_S, prev_s = spent[config_name]
                     estimate = prev_s * (S / prev_S) ** 1.6
                     if time.perf_counter() - start + estimate > args.budget_s:
-                        meta["skipped"].append(f"{name} {config_name} at {label(S)}: ~{estimate:.0f} s over budget")
+                        where = f"{name} {config_name} at {length_label(S)}"
+                        meta["skipped"].append(f"{where}: ~{estimate:.0f} s over budget")
                         print(f"skip {meta['skipped'][-1]}", flush=True)
                         continue
                 row = {"model": name, "S": S, "config": config_name, "ttft_ms": None, "peak_gb": None}
                 try:
-                    ids = ids_for(model, S, device)
+                    ids = random_ids(model, S, device)
                     row["ttft_ms"], row["peak_gb"] = ttft(model, ids, args.chunk, clock, args.reps)
                     spent[config_name] = (S, row["ttft_ms"] / 1e3 * args.reps)
                     if config_name in sparse_runs:
@@ -257,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
                 unpatch_model(model)
         extrapolate(rows, name)
         del model
-        gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
     write(out, rows, meta, names)
@@ -269,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 def line(r: dict) -> str:
     ttft_s = f"{r['ttft_ms'] / 1e3:9.2f} s" if r["ttft_ms"] else "      OOM"
     peak = f"{r['peak_gb']:.1f} GB" if r.get("peak_gb") else "n/a"
-    return f"{r['model']:>14} {label(r['S']):>6} {r['config']:>12} {ttft_s} peak {peak} {r.get('path', '')}"
+    return f"{r['model']:>14} {length_label(r['S']):>6} {r['config']:>12} {ttft_s} peak {peak} {r.get('path', '')}"
 
 
 def table(rows: list[dict], names: list[str]) -> list[str]:
@@ -279,7 +239,7 @@ def table(rows: list[dict], names: list[str]) -> list[str]:
         mine = [r for r in rows if r["model"] == name]
         lengths = sorted({r["S"] for r in mine})
         md += [f"## {name}: TTFT, chunked prefill (speed-up over dense)", ""]
-        md += ["| config | " + " | ".join(map(label, lengths)) + " |", "|---" * (len(lengths) + 1) + "|"]
+        md += ["| config | " + " | ".join(map(length_label, lengths)) + " |", "|---" * (len(lengths) + 1) + "|"]
         configs = [c for c in dict.fromkeys(r["config"] for r in mine) if c.startswith("sparse")]
         for config in (*configs, "dense", "ceiling"):
             cells = []
@@ -291,7 +251,7 @@ def table(rows: list[dict], names: list[str]) -> list[str]:
                 star = "*" if r.get("extrapolated") else ""
                 speedup = f" ({r['speedup']:.2f}x)" if r.get("speedup") else ""
                 peak = f", {r['peak_gb']:.0f} GB" if r.get("peak_gb") else ""
-                cells.append(f"{_ms(r['ttft_ms'])}{star}{speedup}{peak}")
+                cells.append(f"{ms_text(r['ttft_ms'])}{star}{speedup}{peak}")
             md.append(f"| {config} | " + " | ".join(cells) + " |")
         fits = {r["extrapolated"] for r in mine if r.get("extrapolated")}
         md += [""] + [f"\\* extrapolated: {f}" for f in fits] + [""]
@@ -300,18 +260,13 @@ def table(rows: list[dict], names: list[str]) -> list[str]:
 
 def write(out: Path, rows: list[dict], meta: dict, names: list[str]) -> None:
     finish(rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + ".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS + META)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**{c: _fmt(r.get(c)) for c in COLUMNS}, **{m: meta[m] for m in META}})
+    write_csv(suffixed(out, ".csv"), rows, COLUMNS, {m: meta[m] for m in META})
     md = [
         "# Long prompts: time to first token with chunked prefill, sparse vs dense",
         "",
         f"{meta['device']}, {meta['dtype']}, prefill_chunk_size {meta['chunk']}; "
         + ", ".join(f"{k} {meta[k]}" for k in META[3:])
-        + ". Written by `scripts/bench_long.py`.",
+        + ". Written by `benchmarks/bench_long.py`.",
     ]
     if meta["smoke"]:
         md += ["", "**SMOKE RUN** (CPU, tiny random model, torch path): exercises the script, measures nothing."]
@@ -326,15 +281,13 @@ def write(out: Path, rows: list[dict], meta: dict, names: list[str]) -> None:
         *table(rows, names),
         "## All rows",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-        *["| " + " | ".join(_md(r.get(c)) for c in COLUMNS) + " |" for r in rows],
+        *md_table(rows, COLUMNS),
         "",
         *[f"- {n}" for n in meta["notes"]],
         *[f"- skipped: {s}" for s in meta["skipped"]],
         "",
     ]
-    out.with_name(out.name + ".md").write_text("\n".join(md))
+    suffixed(out, ".md").write_text("\n".join(md))
 
 
 if __name__ == "__main__":

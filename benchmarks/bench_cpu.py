@@ -5,8 +5,8 @@ budget on every head (9 query / 3 KV heads, head_dim 64, fp32), with budgets fro
 shapes (vertical-slash at four budgets, A-shape at two); dense SDPA (``is_causal``) runs in the same process, before
 the sparse rows of each length, so both see the same machine load.
 
-    python scripts/bench_cpu.py --lengths 4k,8k
-    python scripts/bench_cpu.py --smoke   # tiny shapes: checks the script, measures nothing
+    python benchmarks/bench_cpu.py --lengths 4k,8k
+    python benchmarks/bench_cpu.py --smoke   # tiny shapes: checks the script, measures nothing
 
 Columns: ``density`` (computed tiles over causal tiles, :func:`~sparse_prefill.report.tile_density`, mean over heads),
 ``index_ms`` (estimating the index), ``sparse_ms`` (``sparse_attention_torch`` on it), ``dense_ms``, ``speedup``
@@ -19,27 +19,19 @@ keys and slashes, the shapes long-context heads show), in fp32.
 from __future__ import annotations
 
 import argparse
-import csv
-import platform
-import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import LAYER_SHAPES, cpu_model, md_cell, md_table, rel_err, structured_qkv, wall_times, write_csv, write_md
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sparse_prefill.tools.cli import lengths as lengths_type
+from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec
+from sparse_prefill.plan import LayerPlan
+from sparse_prefill.report import tile_density
+from sparse_prefill.blockwise import sparse_attention_torch
 
-from bench_layer import structured_qkv  # noqa: E402
-
-from sparse_prefill.tools.cli import lengths as lengths_type  # noqa: E402
-from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec  # noqa: E402
-from sparse_prefill.blockwise import sparse_attention_torch  # noqa: E402
-from sparse_prefill.plan import LayerPlan  # noqa: E402
-from sparse_prefill.report import tile_density  # noqa: E402
-
-SHAPE = (9, 3, 64)  # SmolLM2-135M: query heads, KV heads, head_dim
+SHAPE = LAYER_SHAPES["smollm2"]  # SmolLM2-135M: query heads, KV heads, head_dim
 VS = PATTERN_DEFAULTS["vertical_slash"]
 # The shipped SmolLM2 config's head shapes (fractions of the key length), sparsest to densest.
 PROVIDERS = {
@@ -53,68 +45,42 @@ PROVIDERS = {
 COLUMNS = ["S", "provider", "density", "index_ms", "sparse_ms", "dense_ms", "speedup", "speedup_total", "err_vs_dense"]
 
 
-def timed(fn, reps: int):
+def best_of(fn, reps: int):
     """(minimum wall-clock ms over reps runs, the last result)."""
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, (time.perf_counter() - start) * 1e3)
-    return best, out
-
-
-def cpu_name() -> str:
-    """lscpu's model name, from /proc/cpuinfo (the processor string elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    times, out = wall_times(fn, reps)
+    return min(times), out
 
 
 def run(S: int, shape: tuple[int, int, int], reps: int) -> list[dict]:
     H, Hkv, D = shape
     q, k, v = (t.float() for t in structured_qkv(H, Hkv, S, D, dev="cpu"))
     scale = D**-0.5
-    dense_ms, dense = timed(
+    dense_ms, dense = best_of(
         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True), reps
     )
     dense = dense.transpose(1, 2)  # [1, S, H, D], as the sparse path returns it
     rows = []
     for name, spec in PROVIDERS.items():
         plan = LayerPlan([spec] * H)
-        index_ms, index = timed(lambda: plan.index(q, k, scale, [0]), reps)
-        sparse_ms, out = timed(lambda: sparse_attention_torch(q, k, v, index, scale), reps)
-        err = float((out - dense).norm() / dense.norm())
+        index_ms, index = best_of(lambda: plan.index(q, k, scale, [0]), reps)
+        sparse_ms, out = best_of(lambda: sparse_attention_torch(q, k, v, index, scale), reps)
+        err = rel_err(out, dense)
         row = dict(S=S, provider=name, density=float(tile_density(index).mean()), index_ms=index_ms)
         row.update(sparse_ms=sparse_ms, dense_ms=dense_ms, speedup=dense_ms / sparse_ms)
         row.update(speedup_total=dense_ms / (index_ms + sparse_ms), err_vs_dense=err)
         rows.append(row)
-        print(" ".join(f"{c}={_fmt(row[c])}" for c in COLUMNS), flush=True)
+        print(" ".join(f"{c}={md_cell(row[c])}" for c in COLUMNS), flush=True)
     return rows
 
 
 def write(rows: list[dict], out: Path, stem: str, description: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: f"{r[c]:.4g}" if isinstance(r[c], float) else r[c] for c in COLUMNS})
+    write_csv(out / f"{stem}.csv", rows, COLUMNS)
     lines = [
         f"# One SmolLM2-shaped layer on the CPU: sparse torch path vs dense SDPA\n\n{description}\n",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-        *("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows),
+        *md_table(rows, COLUMNS),
     ]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_md(out / f"{stem}.md", lines)
     print("\n".join(lines))
-
-
-def _fmt(x) -> str:
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     shape, lengths, reps = ((3, 1, 16), [256], 1) if args.smoke else (SHAPE, args.lengths, args.reps)
     description = (
-        f"{cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+        f"{cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
         f"{shape[0]} query / {shape[1]} KV heads, head_dim {shape[2]}, fp32, batch 1"
     )
     print(description)

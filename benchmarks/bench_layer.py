@@ -2,10 +2,10 @@
 
 A benchmark, not a test: it prints a table and writes markdown + CSV under --out. Run on a CUDA machine:
 
-    python scripts/bench_layer.py --lengths 8k,32k,64k,128k
-    python scripts/bench_layer.py --lengths 32k,64k,128k --shapes llama3-8b --providers vertical_slash,adaptive
-    python scripts/bench_layer.py --smoke   # CPU, tiny shapes, torch backend: checks the script, measures nothing
-    python scripts/bench_layer.py --config llama-3.1-8b-instruct --layer 16 --slash-select token,block --lengths 32k
+    python benchmarks/bench_layer.py --lengths 8k,32k,64k,128k
+    python benchmarks/bench_layer.py --lengths 32k,64k,128k --shapes llama3-8b --providers vertical_slash,adaptive
+    python benchmarks/bench_layer.py --smoke   # CPU, tiny shapes, torch backend: checks the script, measures nothing
+    python benchmarks/bench_layer.py --config llama-3.1-8b-instruct --layer 16 --slash-select token,block --lengths 32k
 
 With ``--config`` (a JSON path, or a shipped config by file stem or hub id) one layer of that config runs, each head
 on its own pattern and budgets, at the config's model shape (``--shapes`` does not apply; ``--providers`` adds the
@@ -28,28 +28,36 @@ shapes long-context heads show), and ``captured`` (q/k/v of one SmolLM2 layer on
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 from collections import Counter
-import platform
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import (
+    LAYER_SHAPES,
+    device_name,
+    do_bench,
+    md_table,
+    random_qkv,
+    rel_err,
+    structured_qkv,
+    versions,
+    versions_text,
+    write_csv,
+    write_md,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sparse_prefill.blockwise import sparse_attention_torch
+from sparse_prefill.config import CHOICES as PARAM_CHOICES
+from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec, SparseConfig, check_unit, load_config
+from sparse_prefill.masks import block_mask, col_mask, rows_mask
+from sparse_prefill.patch import shipped_configs
+from sparse_prefill.plan import LayerPlan
+from sparse_prefill.plan.adaptive import CHOICES
+from sparse_prefill.report import tile_density
+from sparse_prefill.tools.cli import parse_lengths
 
-from sparse_prefill.plan.adaptive import CHOICES  # noqa: E402
-from sparse_prefill.tools.cli import parse_lengths  # noqa: E402
-from sparse_prefill.config import CHOICES as PARAM_CHOICES  # noqa: E402
-from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec, SparseConfig, check_unit, load_config  # noqa: E402
-from sparse_prefill.masks import block_mask, col_mask, rows_mask  # noqa: E402
-from sparse_prefill.patch import shipped_configs  # noqa: E402
-from sparse_prefill.plan import LayerPlan  # noqa: E402
-from sparse_prefill.report import tile_density  # noqa: E402
-
-SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # query heads, kv heads, head_dim
+SHAPES = LAYER_SHAPES  # query heads, kv heads, head_dim
 PATTERNS = {
     "vertical_slash": HeadSpec("vertical_slash", dict(PATTERN_DEFAULTS["vertical_slash"])),
     "vertical_slash_token": HeadSpec("vertical_slash", {**PATTERN_DEFAULTS["vertical_slash"], "slash_select": "token"}),
@@ -58,50 +66,6 @@ PATTERNS = {
     "adaptive": HeadSpec("adaptive", dict(PATTERN_DEFAULTS["adaptive"])),
 }
 SMOKE = dict(lengths="2k", shapes="tiny", inputs="random,structured")  # --smoke's defaults: seconds on a CPU
-SHAPES["tiny"] = (4, 2, 64)
-
-
-def rope(x: torch.Tensor, base: float = 500000.0) -> torch.Tensor:
-    """Rotate [..., S, D] by position, Llama style (half-split)."""
-    S, D = x.shape[-2:]
-    inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    ang = torch.arange(S, device=x.device, dtype=torch.float32)[:, None] * inv[None, :]
-    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    x1, x2 = x.float().chunk(2, -1)
-    return x.float() * cos + torch.cat([-x2, x1], -1) * sin
-
-
-def structured_qkv(H: int, Hkv: int, S: int, D: int, seed: int = 0, dev: str = "cuda"):
-    """q [1, H, S, D], k/v [1, Hkv, S, D] in bf16 whose causal attention has the long-context shapes."""
-    g = torch.Generator(device=dev).manual_seed(seed)
-    G = H // Hkv
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device=dev)
-
-    # Shared content on the low rotary frequencies: after RoPE, q_i . k_j decays smoothly with |i - j| over a few
-    # thousand tokens (the local band), as long-context heads' attention does.
-    low = (torch.arange(D, device=dev) % (D // 2) >= D // 4).float()
-    content = randn(Hkv, 1, D) * low * 2**0.5
-    k = rope(content.expand(Hkv, S, D) * 1.2 + randn(Hkv, S, D) * 0.3)
-    q = rope(content.repeat_interleave(G, 0).expand(H, S, D) * 1.2 + randn(H, S, D) * 0.3)
-    sink_dir = F.normalize(randn(Hkv, 1, D), dim=-1)  # a position-free direction every query carries
-    q = q + sink_dir.repeat_interleave(G, 0) * 4.0
-    strong = torch.zeros(S, device=dev)
-    strong[:4] = 24.0  # attention sinks
-    strong[torch.randint(4, S, (max(1, S // 2048),), generator=g, device=dev)] = 18.0  # vertical keys
-    k = k + strong[None, :, None] * sink_dir
-    tokens = randn(S + 256, D) * 0.8  # repeated-offset slashes: key j carries the token of query j + o
-    for o in (17, 64, 200):
-        k = k + tokens[o : o + S][None]
-    q = q + tokens[:S][None]
-    v = randn(Hkv, S, D)
-    return q[None].bfloat16(), k[None].bfloat16(), v[None].bfloat16()
-
-
-def random_qkv(H: int, Hkv: int, S: int, D: int, seed: int = 0, dev: str = "cuda"):
-    g = torch.Generator(device=dev).manual_seed(seed)
-    return tuple(torch.randn(1, h, S, D, generator=g, device=dev).bfloat16() for h in (H, Hkv, Hkv))
 
 
 def dense(q, k, v, backend) -> torch.Tensor:
@@ -111,21 +75,6 @@ def dense(q, k, v, backend) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     with sdpa_kernel([backend]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-
-def bench(fn) -> float:
-    if not torch.cuda.is_available():  # --smoke: wall clock, median of 3
-        import time
-
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return sorted(times)[1]
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def peak_extra(fn) -> int:
@@ -189,10 +138,6 @@ def fractions(text: str) -> list[float]:
     return out
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 def sampled_rows(S: int) -> torch.Tensor:
     """Query rows to check accuracy on: the last 128 and 128 spread over the prompt."""
     spread = torch.linspace(0, S - 129, 128).long()
@@ -250,16 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     from torch.nn.attention import SDPBackend
 
     if torch.cuda.is_available():
-        import triton
-
         from sparse_prefill.kernels import sparse_attention_triton as sparse_attention
 
-        dev, device = "cuda", torch.cuda.get_device_name()
-        versions = f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}"
+        dev, device = "cuda", device_name(cuda=True)
     else:
-        from sparse_prefill.blockwise import sparse_attention_torch as sparse_attention
-        dev, device = "cpu", f"CPU smoke run ({platform.processor() or platform.machine()}), torch backend"
-        versions = f"torch {torch.__version__}, python {platform.python_version()}"
+        sparse_attention = sparse_attention_torch
+        dev, device = "cpu", f"{device_name(cuda=False)} smoke run, torch backend"
+    env = versions_text(versions())
     runs = []  # (shape name, (H, Hkv, D), provider -> the layer's head specs)
     if args.config:
         config = find_config(args.config)
@@ -285,10 +227,10 @@ def main(argv: list[str] | None = None) -> None:
                 scale = D**-0.5
                 causal_flops = 4 * D * S * S / 2 * H
                 ref = dense(q, k, v, SDPBackend.CUDNN_ATTENTION).transpose(1, 2)
-                t_cudnn = bench(lambda: dense(q, k, v, SDPBackend.CUDNN_ATTENTION))
+                t_cudnn = do_bench(lambda: dense(q, k, v, SDPBackend.CUDNN_ATTENTION))
                 mem_cudnn = peak_extra(lambda: dense(q, k, v, SDPBackend.CUDNN_ATTENTION))
-                t_flash = bench(lambda: dense(q, k, v, SDPBackend.FLASH_ATTENTION))
-                base = dict(shape=shape, S=S, input=kind, device=device, versions=versions)
+                t_flash = do_bench(lambda: dense(q, k, v, SDPBackend.FLASH_ATTENTION))
+                base = dict(shape=shape, S=S, input=kind)
                 rows.append(
                     {
                         **base,
@@ -315,9 +257,9 @@ def main(argv: list[str] | None = None) -> None:
                     plan = LayerPlan(heads)  # as in a patched model: built once, called by every layer
                     index = plan.index(q, k, scale, [0])
                     out = sparse_attention(q, k, v, index, scale)
-                    t_index = bench(lambda: plan.index(q, k, scale, [0]))
-                    t_kernel = bench(lambda: sparse_attention(q, k, v, index, scale))
-                    t_all = bench(lambda: sparse_attention(q, k, v, plan.index(q, k, scale, [0]), scale))
+                    t_index = do_bench(lambda: plan.index(q, k, scale, [0]))
+                    t_kernel = do_bench(lambda: sparse_attention(q, k, v, index, scale))
+                    t_all = do_bench(lambda: sparse_attention(q, k, v, plan.index(q, k, scale, [0]), scale))
                     mem = peak_extra(lambda: first_calls(q, k, v, heads, scale, sparse_attention))
                     density = float(tile_density(index).mean())
                     exact, recall = exact_rows(q, k, v, index, sample, scale)
@@ -346,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(_line(rows[-1]), flush=True)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-    write(rows, Path(args.out), device, versions)
+    write(rows, Path(args.out), device, env)
 
 
 def uniform(patterns: dict[str, HeadSpec], H: int) -> dict[str, list[HeadSpec]]:
@@ -407,34 +349,14 @@ COLUMNS = [
     "mem_mb",
     "mem_vs_cudnn",
     "patterns",
-    "device",
-    "versions",
 ]
 
 
-def write(rows: list[dict], out: Path, device: str, versions: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_layer.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: (f"{r[c]:.4g}" if isinstance(r.get(c), float) else r.get(c, "")) for c in COLUMNS})
-    shown = COLUMNS[:-2]
-    lines = [
-        f"# One attention layer, whole sparse path vs SDPA\n\n{device}; {versions}\n",
-        "| " + " | ".join(shown) + " |",
-        "|" + "---|" * len(shown),
-    ]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in shown) + " |")
-    (out / "bench_layer.md").write_text("\n".join(lines) + "\n")
+def write(rows: list[dict], out: Path, device: str, env: str) -> None:
+    write_csv(out / "bench_layer.csv", rows, COLUMNS, {"device": device, "versions": env})
+    lines = [f"# One attention layer, whole sparse path vs SDPA\n\n{device}; {env}\n", *md_table(rows, COLUMNS)]
+    write_md(out / "bench_layer.md", lines)
     print("\n".join(lines))
-
-
-def _fmt(x) -> str:
-    if isinstance(x, float):
-        return f"{x:.3g}" if not math.isnan(x) else "nan"
-    return str(x)
 
 
 if __name__ == "__main__":

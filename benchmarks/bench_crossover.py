@@ -1,11 +1,11 @@
 """Measure the dense-fallback crossover: from which prompt length the sparse path beats dense, per head_dim.
 
-    python scripts/bench_crossover.py --out benchmarks/results/bench_crossover_h100    # on the GPU, ~2 minutes
-    python scripts/bench_crossover.py --smoke --out /tmp/crossover                      # CPU, tiny shapes, seconds
+    python benchmarks/bench_crossover.py --out benchmarks/results/bench_crossover_h100    # on the GPU, ~2 minutes
+    python benchmarks/bench_crossover.py --smoke --out /tmp/crossover                      # CPU, tiny shapes, seconds
 
 One attention layer (32 query / 8 KV heads: Llama-3-8B at head_dim 128, Llama-3.2-1B at head_dim 64), bf16, batch 1,
 through the package's own entry point: the times are those of the two paths ``sparse_prefill_attention`` chooses
-between (median of ``triton.testing.do_bench``, the helper of ``scripts/bench_layer.py``):
+between (median of ``triton.testing.do_bench``, ``common.do_bench``):
 
 * ``dense``: its dense fallback, SDPA with cuDNN first (``dense.dense_attention``);
 * ``flash_attn``: flash-attn's ``flash_attn_func``, only when it is importable;
@@ -13,7 +13,7 @@ between (median of ``triton.testing.do_bench``, the helper of ``scripts/bench_la
   (``attention.sparse_prefill_attention`` with ``min_seq_len=0``).
 
 The crossover of a head_dim is the smallest measured length from which sparse beat the fastest dense kernel at every
-larger measured length, on every input kind (``structured`` and ``random`` q/k, ``scripts/bench_layer.py``). The
+larger measured length, on every input kind (``structured`` and ``random`` q/k, from ``common``). The
 script prints the lines to paste into ``sparse_prefill/devices.py`` (``MIN_SEQ_LEN``, and ``DENSE_BACKEND`` where
 flash-attn beat SDPA at every length) and writes markdown, CSV and JSON to ``--out`` (.md/.csv/.json).
 """
@@ -21,28 +21,33 @@ flash-attn beat SDPA at every length) and writes markdown, CSV and JSON to ``--o
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
-import platform
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
+from common import (
+    LAYER_SHAPES,
+    device_name,
+    do_bench,
+    md_table,
+    random_qkv,
+    run_device,
+    structured_qkv,
+    suffixed,
+    versions,
+    versions_text,
+    write_csv,
+)
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec
+from sparse_prefill.dense import dense_attention, flash_attention, flash_attn_error
+from sparse_prefill.devices import device_class
+from sparse_prefill.dispatch import sparse_prefill_attention
+from sparse_prefill.patch import patch_module
+from sparse_prefill.tools.cli import parse_lengths
 
-from bench_layer import bench, parse_lengths, random_qkv, structured_qkv  # noqa: E402
-
-from sparse_prefill.config import PATTERN_DEFAULTS, HeadSpec  # noqa: E402
-from sparse_prefill.dense import dense_attention, flash_attention, flash_attn_error  # noqa: E402
-from sparse_prefill.devices import device_class  # noqa: E402
-from sparse_prefill.dispatch import sparse_prefill_attention  # noqa: E402
-from sparse_prefill.patch import patch_module  # noqa: E402
-
-HEADS = (32, 8)  # query heads, KV heads
+HEADS = LAYER_SHAPES["llama3-8b"][:2]  # query heads, KV heads
 LENGTHS = "4k,8k,12k,16k,24k,32k,48k,64k"
 
 
@@ -52,17 +57,6 @@ class Layer(torch.nn.Module):
     def __init__(self, heads: int, kv_heads: int):
         super().__init__()
         self.layer_idx, self.is_causal, self.num_key_value_groups = 0, True, heads // kv_heads
-
-
-def cpu_bench(fn, reps: int = 3) -> float:
-    """Median ms of ``reps`` calls after one warm-up (smoke runs on the CPU, where there is no do_bench)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def crossover(rows: list[dict], dense_key: str = "dense_ms") -> int | None:
@@ -89,7 +83,7 @@ def table_lines(dev_class: str, results: dict, date: str) -> list[str]:
             )
             continue
         lines.append(
-            f'    ("{dev_class}", {D}): {res["crossover"]},  # scripts/bench_crossover.py {date}: '
+            f'    ("{dev_class}", {D}): {res["crossover"]},  # benchmarks/bench_crossover.py {date}: '
             f"sparse {res['speedup_at']:.2f}x at {res['crossover']}"
             + (f", dense {1 / res['speedup_below']:.2f}x at {res['below']}" if res["below"] else "")
         )
@@ -123,29 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     smoke = args.smoke
-    if not smoke and not torch.cuda.is_available():
-        p.error("needs a CUDA device (or --smoke)")
-    dev = "cpu" if smoke else "cuda"
-    dtype = torch.float32 if smoke else torch.bfloat16
+    dev, dtype = run_device(p, smoke)
     heads = (4, 2) if smoke else HEADS
     lengths = [256, 512, 1024] if smoke else parse_lengths(args.lengths)
-    timer = cpu_bench if smoke else bench
+
+    def timer(fn):
+        return do_bench(fn, cuda=not smoke)
+
     flash_missing = flash_attn_error()
-    import transformers
-
-    versions = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-    if not smoke:
-        import triton
-
-        versions["triton"] = triton.__version__
-    device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    env = versions()
+    device = device_name(cuda=not smoke)
     dev_class = device_class(dev)
     date = datetime.date.today().isoformat()
-    print(f"{device} ({dev_class}); {versions}; flash-attn: {flash_missing or 'importable'}", flush=True)
+    print(f"{device} ({dev_class}); {versions_text(env)}; flash-attn: {flash_missing or 'importable'}", flush=True)
 
     H, Hkv = heads
     module = Layer(H, Hkv)
@@ -156,13 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         scale = D**-0.5
         for S in lengths:
             for kind in args.inputs.split(","):
-                if kind == "structured":
-                    q, k, v = structured_qkv(H, Hkv, S, D, dev=dev)
-                elif smoke:
-                    g = torch.Generator().manual_seed(0)
-                    q, k, v = (torch.randn(1, h, S, D, generator=g) for h in (H, Hkv, Hkv))
-                else:
-                    q, k, v = random_qkv(H, Hkv, S, D)
+                make = structured_qkv if kind == "structured" else random_qkv
+                q, k, v = make(H, Hkv, S, D, dev=dev)
                 q, k, v = (t.to(dtype) for t in (q, k, v))
                 row = {"head_dim": D, "S": S, "input": kind, "heads": f"{H}/{Hkv}"}
                 row.update(measure(module, patch, q, k, v, scale, timer, flash=flash_missing is None and not smoke))
@@ -195,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             "flash_wins": all(r.get("flash_attn_ms", float("inf")) < r["dense_ms"] for r in mine),
         }
     lines = table_lines(dev_class, results, date)
-    write(Path(args.out), rows, results, lines, {"device": device, "device_class": dev_class, **versions}, smoke)
+    write(Path(args.out), rows, results, lines, {"device": device, "device_class": dev_class, **env}, smoke)
     print("\nPaste into sparse_prefill/devices.py (MIN_SEQ_LEN, and DENSE_BACKEND for flash_attn lines):")
     print("\n".join(lines))
     return 0
@@ -204,19 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 COLUMNS = ["head_dim", "S", "input", "heads", "dense_ms", "flash_attn_ms", "sparse_ms", "speedup", "density"]
 
 
-def suffixed(prefix: Path, suffix: str) -> Path:
-    return prefix.with_name(prefix.name + suffix)
-
-
 def write(out: Path, rows: list[dict], results: dict, lines: list[str], meta: dict, smoke: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(suffixed(out, ".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS + list(meta), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(
-                {**{c: (f"{r[c]:.4g}" if isinstance(r.get(c), float) else r.get(c, "")) for c in COLUMNS}, **meta}
-            )
+    write_csv(suffixed(out, ".csv"), rows, COLUMNS, meta)
     record = {"meta": meta, "smoke": smoke, "crossover": results, "table_lines": lines, "rows": rows}
     suffixed(out, ".json").write_text(json.dumps(record, indent=1) + "\n")
     md = [
@@ -235,13 +203,7 @@ def write(out: Path, rows: list[dict], results: dict, lines: list[str], meta: di
         at = f"{res['speedup_at']:.2f}x" if res["speedup_at"] else ""
         below = f"{res['speedup_below']:.2f}x at {res['below']}" if res["below"] else ""
         md.append(f"| {D} | {res['crossover'] or 'none up to ' + str(res['max_S'])} | {at} | {below} |")
-    md += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        md.append(
-            "| "
-            + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in COLUMNS)
-            + " |"
-        )
+    md += ["", *md_table(rows, COLUMNS)]
     md += ["", "Table lines for `sparse_prefill/devices.py`:", "", "```python", *lines, "```", ""]
     suffixed(out, ".md").write_text("\n".join(md))
     print(f"wrote {out}.md / .csv / .json")

@@ -6,16 +6,16 @@ under --out. Random-init models, nothing is downloaded: a checkpoint of the shap
 and loaded through the public API, so the split is exactly what users get:
 
     # accelerate: from_pretrained(..., device_map="auto") spreads the layers over the visible GPUs
-    python scripts/bench_multigpu.py --mode device_map --shapes llama3-8b --lengths 64k,128k,256k --out DIR
+    python benchmarks/bench_multigpu.py --mode device_map --shapes llama3-8b --lengths 64k,128k,256k --out DIR
     # transformers tensor parallelism: every rank holds half of each layer's heads (tp_plan="auto")
-    torchrun --nproc-per-node 2 scripts/bench_multigpu.py --mode tp --shapes llama3-8b --lengths 64k,128k,256k \\
+    torchrun --nproc-per-node 2 benchmarks/bench_multigpu.py --mode tp --shapes llama3-8b --lengths 64k,128k,256k \\
         --out DIR
     # the checkpoints alone (written once, then reused: a 33B one takes minutes)
-    python scripts/bench_multigpu.py --mode device_map --shapes llama3-8b,deep-33b --build-only
+    python benchmarks/bench_multigpu.py --mode device_map --shapes llama3-8b,deep-33b --build-only
     # the same code paths on a tiny model on the CPU (device_map with disk offload; 2 gloo ranks); on a machine
     # with GPUs, hide them (CUDA_VISIBLE_DEVICES=) so that transformers' TP takes the CPU too
-    python scripts/bench_multigpu.py --smoke --mode device_map
-    torchrun --nproc-per-node 2 scripts/bench_multigpu.py --smoke --mode tp
+    python benchmarks/bench_multigpu.py --smoke --mode device_map
+    torchrun --nproc-per-node 2 benchmarks/bench_multigpu.py --smoke --mode tp
 
 Shapes: ``llama3-8b`` (32 layers, 32/8 heads, head_dim 128, hidden 4096, MLP 14336, vocab 128256; 16 GB in bf16, fits
 one H200 even at 256K) and ``deep-33b`` (80 layers, 48/8 heads, head_dim 128, hidden 6144, MLP 16384; 66 GB of
@@ -27,60 +27,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import math
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import MODELS, SMOKE_SHAPE, cpu_model, dense_sdpa, md_table, versions, versions_text, write_csv, write_md
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sparse_prefill import SparseConfig, patch_model, unpatch_model
+from sparse_prefill.tools.cli import parse_lengths
+from sparse_prefill.report import gather_report
+from sparse_prefill.patches import adapter_for
 
-from sparse_prefill import SparseConfig, patch_model, unpatch_model  # noqa: E402
-from sparse_prefill.tools.cli import parse_lengths  # noqa: E402
-from sparse_prefill.report import gather_report  # noqa: E402
-from sparse_prefill.patches import adapter_for  # noqa: E402
-
-SHAPES = {
-    "llama3-8b": dict(
-        num_hidden_layers=32,
-        hidden_size=4096,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=14336,
-        vocab_size=128256,
-    ),
-    "deep-33b": dict(
-        num_hidden_layers=80,
-        hidden_size=6144,
-        num_attention_heads=48,
-        num_key_value_heads=8,
-        intermediate_size=16384,
-        vocab_size=128256,
-    ),
-    "smoke": dict(
-        num_hidden_layers=2,
-        hidden_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=256,
-        vocab_size=256,
-    ),
-}
+SHAPES = {"llama3-8b": MODELS["llama3-8b"][1], "deep-33b": MODELS["deep-33b"][1], "smoke": SMOKE_SHAPE}
 GB = 1e9
 
 
 def llama_config(shape: str, max_len: int):
     from transformers import LlamaConfig
 
+    fields = {k: v for k, v in SHAPES[shape].items() if k not in ("rope_theta", "max_position_embeddings")}
     return LlamaConfig(
-        **SHAPES[shape],
-        head_dim=SHAPES[shape]["hidden_size"] // SHAPES[shape]["num_attention_heads"],
+        **fields,
         max_position_embeddings=max(max_len, 8192),
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
         tie_word_embeddings=False,
@@ -147,12 +117,7 @@ def gpus(model, mode: str) -> list[int]:
 
 def dense_backends():
     """SDPA with cuDNN first, as the patch's own dense path runs it."""
-    if not torch.cuda.is_available():
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
+    return dense_sdpa() if torch.cuda.is_available() else contextlib.nullcontext()
 
 
 def prefill(model, ids: torch.Tensor, devices: list[int], tp: bool) -> tuple[float, list[float]]:
@@ -251,12 +216,12 @@ def main() -> None:
         ap.error("needs CUDA GPUs (or --smoke)")
     tp = args.mode == "tp"
     if tp and "RANK" not in os.environ:
-        ap.error("--mode tp runs under torchrun: torchrun --nproc-per-node 2 scripts/bench_multigpu.py --mode tp ...")
+        ap.error("--mode tp runs under torchrun: torchrun --nproc-per-node 2 benchmarks/bench_multigpu.py --mode tp")
     rank = int(os.environ.get("RANK", 0))
     lengths = parse_lengths(args.lengths)
     dtype = torch.float32 if args.smoke else torch.bfloat16
     build_device = "cpu" if args.smoke else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device, versions = environment(tp, args.smoke)
+    device, env = environment(tp, args.smoke)
     rows: list[dict] = []
     out = Path(args.out)
     name = f"bench_multigpu_{args.mode}_{args.shapes.replace(',', '_')}"
@@ -287,76 +252,49 @@ def main() -> None:
                 p_row["speedup"] = d_row["ttft_s"] / p_row["ttft_s"]
         rows += [{**common, **row} for row in dense + patched]
         if rank == 0:
-            write(rows, out, name, device, versions)
+            write(rows, out, name, device, env)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
 def environment(tp: bool, smoke: bool) -> tuple[str, str]:
-    import accelerate
-    import transformers
-
     if torch.cuda.is_available() and not smoke:
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         device = f"{len(names)} × {names[0]}" if len(set(names)) == 1 else ", ".join(names)
         if tp:
             device = f"{os.environ.get('WORLD_SIZE')} ranks, each on one {names[0]}"
     else:
-        device = f"CPU ({platform.processor() or platform.machine()})" + (
-            f", {os.environ.get('WORLD_SIZE')} gloo ranks" if tp else ""
-        )
-    try:
-        import triton
-
-        triton_version = f", triton {triton.__version__}"
-    except ImportError:
-        triton_version = ""
-    versions = (
-        f"torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}"
-        f"{triton_version}, python {platform.python_version()}"
-    )
-    return device, versions
+        device = f"CPU ({cpu_model()})" + (f", {os.environ.get('WORLD_SIZE')} gloo ranks" if tp else "")
+    return device, versions_text(versions("accelerate"))
 
 
 COLUMNS = "mode shape params_b gpus S impl status ttft_s speedup first_s density sparse_layers".split()
 
 
-def write(rows: list[dict], out: Path, name: str, device: str, versions: str) -> None:
+def write(rows: list[dict], out: Path, name: str, device: str, env: str) -> None:
     """CSV and markdown; per-GPU memory as one column per GPU (CSV) or "a / b" (markdown)."""
-    out.mkdir(parents=True, exist_ok=True)
     n = max((len(r.get("peak_gb", [])) for r in rows), default=0)
     gpu_cols = [f"peak_gb_gpu{i}" for i in range(n)] + [f"weights_gb_gpu{i}" for i in range(n)]
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS + gpu_cols + ["device", "versions"])
-        w.writeheader()
-        for r in rows:
-            per_gpu = {f"peak_gb_gpu{i}": x for i, x in enumerate(r.get("peak_gb", []))}
-            per_gpu |= {f"weights_gb_gpu{i}": x for i, x in enumerate(r["weights_gb"])}
-            flat = {**{c: r.get(c, "") for c in COLUMNS}, **per_gpu, "device": device, "versions": versions}
-            w.writerow({c: (f"{v:.4g}" if isinstance(v, float) else v) for c, v in flat.items()})
-    shown = COLUMNS + ["peak_gb", "weights_gb"]
+    flat = [
+        {
+            **r,
+            **{f"peak_gb_gpu{i}": x for i, x in enumerate(r.get("peak_gb", []))},
+            **{f"weights_gb_gpu{i}": x for i, x in enumerate(r["weights_gb"])},
+        }
+        for r in rows
+    ]
+    write_csv(out / f"{name}.csv", flat, COLUMNS + gpu_cols, {"device": device, "versions": env})
     lines = [
         "# Whole-model prefill split over GPUs: dense (SDPA, cuDNN first) vs patched (vertical-slash)\n",
-        f"{device}; {versions}\n",
+        f"{device}; {env}\n",
         "Time to first token: one forward over the prompt with `logits_to_keep=1` and the KV cache built, every GPU "
         "synchronized, after a warm-up; `speedup` = dense / patched; `first_s`: the first call at that length "
         "(kernel compilation and CUDA-graph capture included; equal to `ttft_s` when run with `--warmups 0`); "
         "memory in GB per GPU (peak during the prefill, and the weights).\n",
-        "| " + " | ".join(shown) + " |",
-        "|" + "---|" * len(shown),
+        *md_table(rows, COLUMNS + ["peak_gb", "weights_gb"]),
     ]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in shown) + " |")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_md(out / f"{name}.md", lines)
     print("\n".join(lines[3:]), flush=True)
-
-
-def _fmt(x) -> str:
-    if isinstance(x, list):
-        return " / ".join(_fmt(v) for v in x)
-    if isinstance(x, float):
-        return f"{x:.3g}" if not math.isnan(x) else "nan"
-    return str(x)
 
 
 if __name__ == "__main__":

@@ -7,31 +7,28 @@ query rows spread over the whole prompt ("uniform": what the prefill keeps) and 
 rows adaptive mode estimates from), and by its tile density. Means over layers and heads, per prompt. The config is
 the model's shipped one unless ``--config`` names another.
 
-    python scripts/bench_recall.py --tasks niah,multikey --length 4k --gammas 0.8,0.85,0.9,0.95 \\
+    python benchmarks/bench_recall.py --tasks niah,multikey --length 4k --gammas 0.8,0.85,0.9,0.95 \\
         --out benchmarks/results/eval_adaptive/recall_frontier_4k.md
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import sys
 from pathlib import Path
 
 import torch
-import transformers
+from common import device_name, md_table, versions, versions_text
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sparse_prefill.tools.calibrate import capturing, recall, row_groups  # noqa: E402
-from sparse_prefill.tools.cli import parse_lengths  # noqa: E402
-from sparse_prefill.config import HeadSpec, SparseConfig  # noqa: E402
-from sparse_prefill.plan import build_index  # noqa: E402
-from sparse_prefill.report import tile_density  # noqa: E402
-from sparse_prefill.tools.models import SMOLLM2, load_model  # noqa: E402
-from sparse_prefill.patch import resolve_config, with_head_params  # noqa: E402
-from sparse_prefill.tools.tasks import TASKS, make_samples  # noqa: E402
+from sparse_prefill.config import HeadSpec, SparseConfig
+from sparse_prefill.patch import resolve_config, with_head_params
+from sparse_prefill.plan import build_index
+from sparse_prefill.report import tile_density
+from sparse_prefill.tools.calibrate import capturing, recall, row_groups
+from sparse_prefill.tools.cli import parse_lengths
+from sparse_prefill.tools.models import SMOLLM2, load_model
+from sparse_prefill.tools.tasks import TASKS, make_samples
 
 COLUMNS = ("density", "recall, uniform rows", "recall, last rows")
 
@@ -63,8 +60,8 @@ def measure(model, ids: torch.Tensor, specs: dict[str, list[list[HeadSpec]]], se
 def markdown(results: dict[str, dict[str, list[float]]], header: list[str]) -> str:
     lines = [*header, ""]
     for prompt, per_setting in results.items():
-        lines += [f"## {prompt}", "", f"| setting | {' | '.join(COLUMNS)} |", "|---" * (len(COLUMNS) + 1) + "|"]
-        lines += [f"| {name} | {' | '.join(f'{x:.3f}' for x in row)} |" for name, row in per_setting.items()]
+        table = [{"setting": n, **dict(zip(COLUMNS, (f"{x:.3f}" for x in row)))} for n, row in per_setting.items()]
+        lines += [f"## {prompt}", "", *md_table(table, ("setting", *COLUMNS))]
         lines.append("")
     return "\n".join(lines)
 
@@ -98,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"# Attention kept against density: {Path(model.config.name_or_path).name}",
         "",
-        f"`python scripts/bench_recall.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
-        f"config: {args.config or 'the shipped config'}; CPU ({platform.machine()}), torch {torch.__version__}, "
-        f"transformers {transformers.__version__}. Density: computed 64x64 tiles over causal tiles; recall: the share "
-        "of the true softmax mass inside the mask. Means over layers and heads.",
+        f"`python benchmarks/bench_recall.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
+        f"config: {args.config or 'the shipped config'}; {device_name(cuda=False)}, "
+        f"{versions_text(versions(), ('torch', 'transformers'))}. Density: computed 64x64 tiles over causal tiles; "
+        "recall: the share of the true softmax mass inside the mask. Means over layers and heads.",
     ]
     text = markdown(results, header)
     print(text)

@@ -1,6 +1,6 @@
 """Benchmark the sparse Triton kernel against dense SDPA (cuDNN, flash) on one attention layer.
 
-    python scripts/bench_kernels.py [--lengths 4096 8192 ...] [--out benchmarks/results]
+    python benchmarks/bench_kernels.py [--lengths 4096 8192 ...] [--out benchmarks/results]
 
 Shapes: Llama-3-8B (32 query heads, 8 KV heads, head_dim 128) and SmolLM2 (9 / 3 / 64), bf16, batch 1. The kernel runs
 on synthetic indices at fixed tile densities (share of the causal 64x64 tiles it computes):
@@ -20,15 +20,15 @@ of its enable_gqa call and a call on K/V repeated to all query heads.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import LAYER_SHAPES, device_name, do_bench, md_table, versions, write_csv, write_md
 
-SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
+SHAPES = {name: LAYER_SHAPES[name] for name in ("llama3-8b", "smollm2")}
 DENSITIES = (0.05, 0.10, 0.25)
 
 
@@ -75,21 +75,6 @@ def synthetic_index(pattern: str, density: float, H: int, S: int, device: str):
     return make_index(S, S, kv_start, diag, ascending(cols), ascending(blocks))
 
 
-def bench(fn) -> float:
-    """Median ms. Replayed from a CUDA graph, so host launch overhead (tens of microseconds, more than the whole
-    kernel at short S and low density) stays out; plain do_bench if the call cannot be captured."""
-    import triton
-
-    fn()  # compile / autotune outside the capture
-    torch.cuda.synchronize()
-    try:
-        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-    except Exception as err:  # noqa: BLE001
-        print(f"  (no CUDA graph: {type(err).__name__}; timing launches)")
-        torch.cuda.synchronize()
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 def sdpa_runners(backend, q, k, v) -> dict:
     """Causal SDPA calls pinned to one backend, by label: GQA through enable_gqa, and with K/V repeated ahead of
     time (outside the timing). The ones the backend refuses are left out."""
@@ -117,15 +102,13 @@ def sdpa_runners(backend, q, k, v) -> dict:
     return runners
 
 
+COLUMNS = ["shape", "S", "provider", "density", "ms", "tflops", "speedup", "efficiency"]
+HEADER = ["shape", "S", "provider", "density", "ms", "TFLOP/s", "speed-up vs cuDNN", "per-tile efficiency"]
+
+
 def write_results(rows: list[dict], meta: dict, out: Path) -> None:
     """Markdown table and CSV of all rows so far (rewritten after each length, so a cut-short run keeps its rows)."""
-    out.mkdir(parents=True, exist_ok=True)
-    fields = ["shape", "S", "provider", "density", "ms", "tflops", "speedup", "efficiency", "device", "torch", "triton"]
-    with open(out / "bench_kernels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}, **meta})
+    write_csv(out / "bench_kernels.csv", rows, COLUMNS, meta)
     lines = [
         f"# Sparse attention kernel vs dense SDPA ({meta['device']}, torch {meta['torch']}, triton {meta['triton']})",
         "",
@@ -134,15 +117,9 @@ def write_results(rows: list[dict], meta: dict, out: Path) -> None:
             "computed tiles / cuDNN causal TFLOP/s."
         ),
         "",
-        "| shape | S | provider | density | ms | TFLOP/s | speed-up vs cuDNN | per-tile efficiency |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        *md_table(rows, COLUMNS, HEADER),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['S']} | {r['provider']} | {r['density']:.3f} | {r['ms']:.3f} | "
-            f"{r['tflops']:.1f} | {r['speedup']:.2f} | {r['efficiency']:.2f} |"
-        )
-    (out / "bench_kernels.md").write_text("\n".join(lines) + "\n")
+    write_md(out / "bench_kernels.md", lines)
 
 
 def main() -> int:
@@ -156,14 +133,13 @@ def main() -> int:
         print("bench_kernels: no CUDA device, nothing to benchmark")
         return 0
 
-    import triton
     from torch.nn.attention import SDPBackend
 
     from sparse_prefill.report import tile_density
     from sparse_prefill.kernels import sparse_attention_triton
 
-    device, dev_name = "cuda", torch.cuda.get_device_name()
-    meta = {"device": dev_name, "torch": torch.__version__, "triton": triton.__version__}
+    device, env = "cuda", versions()
+    meta = {"device": device_name(cuda=True), "torch": env["torch"], "triton": env["triton"]}
     rows = []
     for shape in args.shapes:
         Hq, Hkv, D = SHAPES[shape]
@@ -182,7 +158,7 @@ def main() -> int:
                     continue
                 runners = list(sdpa_runners(backend, q, k, v).items())
                 for note, run in runners if name == "sdpa-cudnn" else runners[:1]:
-                    ms = bench(run)
+                    ms = do_bench(run, rep=100, graph=True)
                     if name == "sdpa-cudnn":
                         base_ms = min(ms, base_ms)
                     rows.append(
@@ -205,7 +181,7 @@ def main() -> int:
                 density = tile_density(index)[0]  # [H]
                 N = index.num_k_blocks
                 flops = float(density.sum()) * N * (N + 1) / 2 * 4 * D * 64 * 64
-                ms = bench(partial(sparse_attention_triton, q, k, v, index, D**-0.5, out=out))
+                ms = do_bench(partial(sparse_attention_triton, q, k, v, index, D**-0.5, out=out), rep=100, graph=True)
                 rows.append(
                     {
                         "shape": shape,

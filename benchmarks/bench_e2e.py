@@ -1,8 +1,8 @@
 """End-to-end prefill speed: time to first token of random-init models shaped like Llama-3-8B and Qwen2-7B (and
 Qwen3-8B, with ``--models``), dense vs patched, on one GPU.
 
-    python scripts/bench_e2e.py --out benchmarks/results/bench_e2e_h100         # H100: ~6-7 minutes
-    python scripts/bench_e2e.py --smoke --out /tmp/e2e/bench_e2e_smoke          # CPU, tiny models, seconds
+    python benchmarks/bench_e2e.py --out benchmarks/results/bench_e2e_h100         # H100: ~6-7 minutes
+    python benchmarks/bench_e2e.py --smoke --out /tmp/e2e/bench_e2e_smoke          # CPU, tiny models, seconds
 
 Each model is built directly on the GPU in bf16 from its config (random init: nothing is downloaded, and timing does
 not depend on the weights), one model at a time. TTFT is one forward of a random prompt with ``use_cache=True`` and
@@ -35,101 +35,45 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import gc
-import math
 import os
-import platform
 import random
-import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts: less fragmentation
 
 import torch  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from common import (  # noqa: E402
+    MODELS,
+    Clock,
+    build_model,
+    dense_sdpa,
+    device_name,
+    length_label,
+    md_cell,
+    ms_text,
+    path_summary,
+    prefill,
+    random_ids,
+    run_device,
+    skip_attention,
+    suffixed,
+    versions,
+    write_csv,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import sparse_prefill  # noqa: E402
 from sparse_prefill import SparseConfig, last_report, patch_model, unpatch_model  # noqa: E402
 from sparse_prefill import dispatch as sp_attention  # noqa: E402
 from sparse_prefill.config import FORMAT, PATTERN_DEFAULTS, ModelInfo  # noqa: E402
 from sparse_prefill.dense import flash_attn_error  # noqa: E402
 from sparse_prefill.patches import adapter_for  # noqa: E402
 
-# Shapes of the real models (config.json of Meta-Llama-3-8B, Qwen2-7B and Qwen3-8B).
-MODELS = {
-    "llama3-8b": (
-        "llama",
-        dict(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            rope_theta=500000.0,
-            max_position_embeddings=131072 + 1024,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "qwen2-7b": (
-        "qwen2",
-        dict(
-            vocab_size=152064,
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            head_dim=128,
-            rope_theta=1000000.0,
-            max_position_embeddings=131072 + 1024,
-            use_sliding_window=False,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "qwen3-8b": (
-        "qwen3",
-        dict(
-            vocab_size=151936,
-            hidden_size=4096,
-            intermediate_size=12288,
-            num_hidden_layers=36,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            rope_theta=1000000.0,
-            max_position_embeddings=131072 + 1024,
-            use_sliding_window=False,
-            tie_word_embeddings=False,
-        ),
-    ),
-}
-SMOKE_SHAPE = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=4096,
-)
 # Issue #8's targets for the Llama-3-8B shape, uniform vertical-slash vs dense: minimum TTFT speed-up per length.
 TARGETS = {131072: 2.5, 65536: 1.5, 32768: 1.15, 8192: 1.0}
 TARGET_MEMORY = 1.05
 SKIP = "sp_skip_attention"
 NEW_TOKENS = 4
-
-
-def skip_attention(module, query, key, value, attention_mask, **kwargs):
-    """An attention function that attends to nothing: zeros of the output's shape [B, q_len, Hq, D]."""
-    return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
 
 
 def register_skip() -> None:
@@ -138,27 +82,6 @@ def register_skip() -> None:
 
     AttentionInterface.register(SKIP, skip_attention)
     AttentionMaskInterface.register(SKIP, sdpa_mask)  # the mask dense SDPA gets, so only attention is left out
-
-
-def build_model(name: str, smoke: bool, device: str, dtype: torch.dtype):
-    """A random-init model of the named shape, created directly on ``device`` in ``dtype``."""
-    model_type, shape = MODELS[name]
-    return build_shape(name, model_type, shape, smoke, device, dtype)
-
-
-def build_shape(name: str, model_type: str, shape: dict, smoke: bool, device: str, dtype: torch.dtype):
-    """A random-init model of ``model_type`` with ``shape`` (config fields; with ``smoke`` :data:`SMOKE_SHAPE`, keeping
-    its rope_theta and use_sliding_window), named ``name``, created directly on ``device`` in ``dtype``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if smoke:
-        shape = {**SMOKE_SHAPE, **{k: v for k, v in shape.items() if k in ("rope_theta", "use_sliding_window")}}
-    config = AutoConfig.for_model(model_type, **shape)
-    config._name_or_path = name
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.eval()
 
 
 def mixed_config(info: ModelInfo, seed: int = 0) -> SparseConfig:
@@ -190,7 +113,7 @@ def mixed_config(info: ModelInfo, seed: int = 0) -> SparseConfig:
             "model": vars(info),
             "min_seq_len": "auto",
             "layers": layers,
-            "provenance": {"tool": "scripts/bench_e2e.py mixed_config", "seed": seed},
+            "provenance": {"tool": "benchmarks/bench_e2e.py mixed_config", "seed": seed},
         }
     )
 
@@ -200,60 +123,6 @@ def sparse_configs(info: ModelInfo) -> dict[str, SparseConfig]:
     if "adaptive" in PATTERN_DEFAULTS:  # the adaptive pattern, in versions that have it
         configs["adaptive"] = SparseConfig.uniform(info, "adaptive")
     return configs
-
-
-class Clock:
-    """CUDA-synchronised wall time and peak allocated memory of a callable (plain wall time on the CPU)."""
-
-    def __init__(self, device: str):
-        self.cuda = device == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def run(self, fn, reps: int) -> tuple[float, float | None]:
-        """(median ms over ``reps`` after one warm-up, peak GB over the timed calls)."""
-        times, peak = [], None
-        for i in range(1 + reps):
-            self.sync()
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            out = fn()
-            self.sync()
-            elapsed = (time.perf_counter() - start) * 1e3
-            del out  # the KV cache of a 128K prompt is GBs: free it before the next call
-            if i:
-                times.append(elapsed)
-                if self.cuda:
-                    peak = max(peak or 0.0, torch.cuda.max_memory_allocated() / 2**30)
-        return statistics.median(times), peak
-
-
-def prefill(model, ids):
-    with torch.no_grad():
-        return model(ids, use_cache=True, logits_to_keep=1)
-
-
-def dense_context():
-    """SDPA with cuDNN first (as the package's dense fallback does). A fresh context manager per call: they are
-    single-use."""
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
-
-
-def path_summary(model) -> tuple[str, float | None]:
-    """('sparse 32/32', mean tile density of the sparse layers) from the last prefill's per-layer report."""
-    records = last_report(model)
-    sparse = [r for r in records if r.path == "sparse"]
-    if not sparse:
-        return f"dense fallback: {records[0].reason}", None
-    summary = f"sparse {len(sparse)}/{len(records)}"
-    if len(sparse) < len(records):
-        summary += f" ({next(r.reason for r in records if r.path != 'sparse')})"
-    per_head = [d for r in sparse for d in r.density[0]]
-    return summary, sum(per_head) / len(per_head)
 
 
 @contextlib.contextmanager
@@ -301,28 +170,10 @@ def decode_check(model, config: SparseConfig, ids, clock: Clock) -> str:
     )
 
 
-def versions() -> dict[str, str]:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    return {
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "transformers": transformers.__version__,
-        "sparse_prefill": sparse_prefill.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def run_group(model, name, info, S, args, clock, rows, meta, out) -> None:
     """All configs of one (model, prompt length)."""
     device = meta["device_kind"]
-    ids = ids_for(model, S, device)
+    ids = random_ids(model, S, device)
     L = info.num_layers
     base = {"model": name, "S": S}
 
@@ -339,7 +190,7 @@ def run_group(model, name, info, S, args, clock, rows, meta, out) -> None:
         return fn
 
     model.set_attn_implementation("sdpa")
-    dense = add("dense", *clock.run(stock(dense_context), args.reps), path="dense SDPA cuDNN")
+    dense = add("dense", *clock.run(stock(dense_sdpa), args.reps), path="dense SDPA cuDNN")
     if device == "cuda" and flash_attn_error() is None:
         model.set_attn_implementation("flash_attention_2")
         add("dense_flash_attn", *clock.run(stock(contextlib.nullcontext), args.reps), path="dense flash-attn")
@@ -380,16 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(names) - set(MODELS):
         p.error(f"--models: unknown {sorted(unknown)}; known: {sorted(MODELS)}")
     lengths = sorted(int(s) for s in args.lengths.split(","))
-    if args.smoke:
-        # 128 keys stay under min_seq_len (dense fallback), 256 go sparse.
+    device, dtype = run_device(p, args.smoke)
+    if args.smoke:  # 128 keys stay under min_seq_len (dense fallback), 256 go sparse.
         lengths, args.reps, args.min_seq_len = [128, 256], 1, 200
-        device, dtype = "cpu", torch.float32
-    elif not torch.cuda.is_available():
-        p.error("needs a CUDA device (or --smoke)")
-    else:
-        device, dtype = "cuda", torch.bfloat16
     meta = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()})",
+        "device": device_name(device == "cuda"),
         "device_kind": device,
         "dtype": str(dtype).removeprefix("torch."),
         **versions(),
@@ -411,9 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         info = adapter_for(model).model_info(model)
         params = sum(t.numel() for t in model.parameters()) / 1e9
         print(f"{name}: {params:.2f}B parameters, built in {time.perf_counter() - t0:.1f} s", flush=True)
-        meta["notes"].append(
-            decode_check(model, SparseConfig.uniform(info, "vertical_slash"), ids_for(model, lengths[0], device), clock)
-        )
+        first = random_ids(model, lengths[0], device)
+        meta["notes"].append(decode_check(model, SparseConfig.uniform(info, "vertical_slash"), first, clock))
         print(meta["notes"][-1], flush=True)
         for i, S in enumerate(lengths):
             estimate = estimate_s(spent, name, S, lengths[i - 1] if i else None)
@@ -434,12 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     write(out, rows, meta)
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0
-
-
-def ids_for(model, S: int, device: str) -> torch.Tensor:
-    """A random prompt of S token ids (seeded by S, so every config of a length reads the same prompt)."""
-    g = torch.Generator(device=device).manual_seed(S)
-    return torch.randint(100, model.config.vocab_size, (1, S), generator=g, device=device)
 
 
 def estimate_s(spent: dict, name: str, S: int, prev_S: int | None) -> float:
@@ -470,28 +309,15 @@ def line(r: dict) -> str:
     )
 
 
-def _fmt(x) -> str:
-    if x is None:
-        return ""
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.4g}"
-    return str(x)
-
-
 def write(out: Path, rows: list[dict], meta: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     done = [r for r in rows if "speedup" in r]
-    with open(out.with_name(out.name + ".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS + META)
-        w.writeheader()
-        for r in done:
-            w.writerow({**{c: _fmt(r.get(c)) for c in COLUMNS}, **{m: meta[m] for m in META}})
+    write_csv(suffixed(out, ".csv"), done, COLUMNS, {m: meta[m] for m in META})
     versions_line = ", ".join(f"{k} {meta[k]}" for k in META[2:])
     md = [
         "# End-to-end prefill: time to first token, dense vs sparse_prefill",
         "",
         f"{meta['device']}, {meta['dtype']}; {versions_line}; flash-attn: {meta['flash_attn']}. Written by "
-        "`scripts/bench_e2e.py`.",
+        "`benchmarks/bench_e2e.py`.",
     ]
     if meta["smoke"]:
         md += ["", "**SMOKE RUN** (CPU, tiny random models, torch path): exercises the script, measures nothing."]
@@ -513,15 +339,9 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
     ]
     md += summary_tables(done) + targets(done)
     md += ["## All rows", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(_md(r.get(c)) for c in COLUMNS) + " |" for r in done]
+    md += ["| " + " | ".join(md_cell(r.get(c)) for c in COLUMNS) + " |" for r in done]
     md += ["", *[f"- {n}" for n in meta["notes"]], *[f"- skipped: {s}" for s in meta["skipped"]], ""]
-    out.with_name(out.name + ".md").write_text("\n".join(md))
-
-
-def _md(x) -> str:
-    if isinstance(x, float):
-        return f"{x:.3g}" if x < 1000 else f"{x:.0f}"
-    return "" if x is None else str(x).replace("|", "/")
+    suffixed(out, ".md").write_text("\n".join(md))
 
 
 def summary_tables(rows: list[dict]) -> list[str]:
@@ -531,23 +351,15 @@ def summary_tables(rows: list[dict]) -> list[str]:
         mine = [r for r in rows if r["model"] == name]
         lengths = sorted({r["S"] for r in mine})
         md += [f"## {name}: TTFT (speed-up over dense SDPA cuDNN)", ""]
-        md += ["| config | " + " | ".join(map(label, lengths)) + " |", "|---" * (len(lengths) + 1) + "|"]
+        md += ["| config | " + " | ".join(map(length_label, lengths)) + " |", "|---" * (len(lengths) + 1) + "|"]
         for config in dict.fromkeys(r["config"] for r in mine):
             cells = []
             for S in lengths:
                 r = next((r for r in mine if r["S"] == S and r["config"] == config), None)
-                cells.append(f"{_ms(r['ttft_ms'])} ({r['speedup']:.2f}x)" if r else "")
+                cells.append(f"{ms_text(r['ttft_ms'])} ({r['speedup']:.2f}x)" if r else "")
             md.append(f"| {config} | " + " | ".join(cells) + " |")
         md.append("")
     return md
-
-
-def label(S: int) -> str:
-    return f"{S // 1024}K" if S % 1024 == 0 else str(S)
-
-
-def _ms(ms: float) -> str:
-    return f"{ms / 1e3:.2f} s" if ms >= 1000 else f"{ms:.0f} ms"
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -560,7 +372,7 @@ def targets(rows: list[dict]) -> list[str]:
     for S, want in sorted(TARGETS.items(), reverse=True):
         if S in mine:
             got = mine[S]["speedup"]
-            md.append(f"| TTFT >= {want}x at {label(S)} | {got:.3f}x | {'yes' if got >= want else 'NO'} |")
+            md.append(f"| TTFT >= {want}x at {length_label(S)} | {got:.3f}x | {'yes' if got >= want else 'NO'} |")
     mem = [r["mem_vs_dense"] for r in mine.values() if r.get("mem_vs_dense")]
     if mem:
         worst = max(mem)
