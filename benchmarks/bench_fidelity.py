@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from common import device_name, md_table, versions, versions_text, write_csv, write_md
 
-from sparse_prefill.config import SparseConfig
+from sparse_prefill.config import SparseConfig, load_config
 from sparse_prefill.patch import last_report, patch_model, resolve_config, unpatch_model
 from sparse_prefill.patches import adapter_for
 from sparse_prefill.plan import build_index
@@ -85,26 +85,31 @@ def perplexity(model, texts: list[torch.Tensor]) -> float:
     return float(torch.stack(nll).mean().exp())
 
 
-def settings(model, tokenizer, length: int, seed: int, ladder: list[float]) -> dict[str, dict]:
-    """Name -> patch_model keyword arguments of every setting measured at ``length``."""
+def settings(model, tokenizer, length: int, args) -> dict[str, dict]:
+    """Name -> patch_model keyword arguments of every setting measured at ``length`` (those ``--settings`` names)."""
     info = adapter_for(model).model_info(model)
-    calibrated = calibrate(model, tokenizer, info, [length], samples=2, seed=seed, progress=False)
     vs = dict(pattern="vertical_slash")
     out = {
-        "shipped config": dict(config=resolve_config(model)),
-        f"calibrated at {length}": dict(config=calibrated),
-        "adaptive gamma 0.9": dict(mode="adaptive", gamma=0.9),
-        "adaptive gamma 0.95": dict(mode="adaptive", gamma=0.95),
-        "vertical-slash 1000/6096 block": dict(config=SparseConfig.uniform(info, **vs)),
-        "vertical-slash 1000/6096 token": dict(config=SparseConfig.uniform(info, **vs, slash_select="token")),
-        "a-shape 128+3968": dict(config=SparseConfig.uniform(info, "a_shape")),
-        "llama-3.1 budgets 512/2048 token": dict(
+        "shipped config": lambda: dict(config=resolve_config(model)),
+        f"calibrated at {length}": lambda: dict(
+            config=calibrate(model, tokenizer, info, [length], samples=2, seed=args.seed, progress=False)
+        ),
+        "adaptive gamma 0.9": lambda: dict(mode="adaptive", gamma=0.9),
+        "adaptive gamma 0.95": lambda: dict(mode="adaptive", gamma=0.95),
+        "vertical-slash 1000/6096 block": lambda: dict(config=SparseConfig.uniform(info, **vs)),
+        "vertical-slash 1000/6096 token": lambda: dict(config=SparseConfig.uniform(info, **vs, slash_select="token")),
+        "a-shape 128+3968": lambda: dict(config=SparseConfig.uniform(info, "a_shape")),
+        "llama-3.1 budgets 512/2048 token": lambda: dict(
             config=SparseConfig.uniform(info, **vs, vertical=512, slash=2048, slash_select="token")
         ),
+        **{f"config {path.stem}": lambda path=path: dict(config=load_config(path)) for path in args.configs},
+        **{
+            f"ladder {f}": lambda f=f: dict(config=SparseConfig.uniform(info, **vs, vertical=f, slash=f))
+            for f in args.ladder
+        },
     }
-    for f in ladder:
-        out[f"ladder {f}"] = dict(config=SparseConfig.uniform(info, **vs, vertical=f, slash=f))
-    return out
+    wanted = [name for name in out if not args.settings or any(name.startswith(s) for s in args.settings)]
+    return {name: out[name]() for name in wanted}  # made only when wanted: calibrating costs minutes
 
 
 def density_and_recall(model, ids: torch.Tensor, layers: list, seed: int) -> tuple[float, float]:
@@ -179,11 +184,25 @@ def main(argv: list[str] | None = None) -> int:
         default=[0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6],
         help="uniform vertical-slash settings: fractions of the keys as columns and as diagonals",
     )
+    p.add_argument(
+        "--configs",
+        type=lambda v: [Path(c) for c in v.split(",")],
+        default=[],
+        help="config files measured too, each as setting 'config <file stem>'",
+    )
+    p.add_argument(
+        "--settings",
+        type=lambda v: v.split(","),
+        default=[],
+        help="measure only the settings whose names start with one of these (default: all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity"))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if missing := [str(c) for c in args.configs if not c.is_file()]:
+        p.error(f"--configs: no such file: {', '.join(missing)}")
     if bad := set(args.rope) - {"yarn", "linear", "dynamic"}:
         p.error(f"--rope: each must be yarn, linear or dynamic, got {sorted(bad)}")
     device = args.device
@@ -205,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_model(args.model, dtype, device, rope)
         texts = windows(tokenizer, length, args.texts, args.seed)
         dense_logp = [last_logits(model, ids) for ids in texts]
-        for name, setting in settings(model, tokenizer, length, args.seed, args.ladder).items():
+        for name, setting in settings(model, tokenizer, length, args).items():
             keys = not name.startswith("ladder")  # ladder rows only locate the density frontier
             row = compare(
                 model, tokenizer, texts, dense_logp, dense[rope][2], setting, length, args.seed, backend, keys
