@@ -67,6 +67,7 @@ from sparse_prefill import SparseConfig, last_report, patch_model, unpatch_model
 from sparse_prefill import dispatch as sp_attention  # noqa: E402
 from sparse_prefill.config import FORMAT, PATTERN_DEFAULTS, ModelInfo  # noqa: E402
 from sparse_prefill.dense import flash_attn_error  # noqa: E402
+from sparse_prefill.patch import register_attention  # noqa: E402
 from sparse_prefill.patches import adapter_for  # noqa: E402
 
 # Issue #8's targets for the Llama-3-8B shape, uniform vertical-slash vs dense: minimum TTFT speed-up per length.
@@ -77,11 +78,9 @@ NEW_TOKENS = 4
 
 
 def register_skip() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(SKIP, skip_attention)
-    AttentionMaskInterface.register(SKIP, sdpa_mask)  # the mask dense SDPA gets, so only attention is left out
+    register_attention(SKIP, skip_attention, sdpa_mask)  # the mask dense SDPA gets, so only attention is left out
 
 
 def mixed_config(info: ModelInfo, seed: int = 0) -> SparseConfig:

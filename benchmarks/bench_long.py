@@ -54,6 +54,7 @@ from common import (
 from sparse_prefill import SparseConfig, load_config, patch_model, unpatch_model
 from sparse_prefill.dense import dense_attention
 from sparse_prefill.layout import lower_right_mask
+from sparse_prefill.patch import register_attention
 from sparse_prefill.patches import adapter_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -67,12 +68,8 @@ META = ["device", "dtype", "chunk", "torch", "transformers", "sparse_prefill"]
 
 def register() -> None:
     """Dense SDPA and skipped attention, each with the lower-right bias the patched model's chunks get."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     for name, fn in ((DENSE, dense_attention), (SKIP, skip_attention)):
-        AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, lower_right_mask)
+        register_attention(name, fn, lower_right_mask)
 
 
 def sparse_config(model, config_file: str | None, smoke: bool) -> tuple[SparseConfig, str]:

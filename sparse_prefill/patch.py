@@ -51,10 +51,16 @@ __all__ = [
 logger = logging.getLogger("sparse_prefill")
 
 
+def register_attention(name: str, attention, mask) -> None:
+    """Register ``attention`` (transformers' ``AttentionInterface`` signature) and its mask function under ``name``,
+    for ``model.set_attn_implementation(name)``. Without a mask function of its own name, transformers would build no
+    padding mask for the implementation."""
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, mask)
+
+
 def _register() -> None:
-    AttentionInterface.register(ATTN_NAME, sparse_prefill_attention)
-    # Without a mask function of its own name, transformers would build no padding mask for this implementation.
-    AttentionMaskInterface.register(ATTN_NAME, lower_right_mask)
+    register_attention(ATTN_NAME, sparse_prefill_attention, lower_right_mask)
 
 
 def shipped_configs() -> list[Path]:

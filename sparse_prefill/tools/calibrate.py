@@ -38,14 +38,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import sdpa_mask
 
 from ..config import AUTO, DEFAULT_MIN_SEQ_LEN, FORMAT, PATTERN_DEFAULTS, HeadSpec, ModelInfo, SparseConfig
 from ..index import BLOCK, SparseIndex
 from ..masks import block_mask
 from ..ops import cdiv
+from ..patch import register_attention
 from ..plan import build_index, registry
 from ..report import tile_density
 from .cli import add_rope_scaling, device, fraction, integer, lengths, output_problem
@@ -130,8 +130,7 @@ def capturing(model):
     """Within the block, every dense forward of ``model`` fills the yielded dict: layer -> (q, k, scale), with
     q [B, Hq, S, D] and k [B, Hkv, S, D] post-RoPE. The model's previous attention implementation is restored after."""
     global _captured
-    AttentionInterface.register(CAPTURE, _capture_attention)
-    AttentionMaskInterface.register(CAPTURE, sdpa_mask)
+    register_attention(CAPTURE, _capture_attention, sdpa_mask)
     previous = model.config._attn_implementation
     _captured = {}
     model.set_attn_implementation(CAPTURE)
