@@ -37,7 +37,7 @@ from sparse_prefill.patches import adapter_for
 from sparse_prefill.plan import build_index
 from sparse_prefill.report import tile_density
 from sparse_prefill.tools.calibrate import calibrate, capturing, natural_text, recall, row_groups
-from sparse_prefill.tools.cli import parse_lengths
+from sparse_prefill.tools.cli import fractions, parse_lengths
 from sparse_prefill.tools.models import SMOLLM2, load_model
 from sparse_prefill.tools.prompts import passkey_prompt
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--ladder",
-        type=lambda v: [float(f) for f in v.split(",")],
+        type=fractions(low_open=True, high_open=True),  # budgets as a config takes them
         default=[0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6],
         help="uniform vertical-slash settings: fractions of the keys as columns and as diagonals",
     )

@@ -55,7 +55,7 @@ from sparse_prefill.patch import shipped_configs
 from sparse_prefill.plan import LayerPlan
 from sparse_prefill.plan.adaptive import CHOICES
 from sparse_prefill.report import tile_density
-from sparse_prefill.tools.cli import parse_lengths
+from sparse_prefill.tools.cli import fractions, parse_lengths
 
 SHAPES = LAYER_SHAPES  # query heads, kv heads, head_dim
 PATTERNS = {
@@ -131,13 +131,6 @@ def first_calls(q, k, v, heads, scale, sparse_attention) -> None:
         sparse_attention(q, k, v, plan.index(q, k, scale, [0]), scale)
 
 
-def fractions(text: str) -> list[float]:
-    out = [float(f) for f in text.split(",")]
-    if not all(0 < f <= 1 for f in out):
-        raise argparse.ArgumentTypeError(f"each must be in (0, 1], got {text!r}")
-    return out
-
-
 def sampled_rows(S: int) -> torch.Tensor:
     """Query rows to check accuracy on: the last 128 and 128 spread over the prompt."""
     spread = torch.linspace(0, S - 129, 128).long()
@@ -162,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--fractions",
-        type=fractions,
+        type=fractions(low_open=True, high_open=True),  # budgets as a config takes them
         default=[],
         help="add uniform vertical-slash providers at these fractions of the keys as columns and as diagonals "
         "(block slashes), e.g. the budgets that kept fidelity in bench_fidelity.py's ladder",

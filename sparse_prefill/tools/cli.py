@@ -71,20 +71,26 @@ def integer(minimum: int, maximum: int = MAX_INT):
     return parse
 
 
-def fraction(low_open: bool = False):
-    """argparse type: a number in [0, 1], or in (0, 1] with ``low_open``; nan is refused."""
-    interval = "(0, 1]" if low_open else "[0, 1]"
+def fraction(low_open: bool = False, high_open: bool = False):
+    """argparse type: a number in [0, 1]; ``low_open`` / ``high_open`` leave out 0 / 1; nan is refused."""
+    interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
 
     def parse(text: str) -> float:
         try:
             x = float(text)
         except ValueError:
             x = math.nan
-        if not (0 < x <= 1 if low_open else 0 <= x <= 1):  # also refuses nan
+        if not ((0 < x if low_open else 0 <= x) and (x < 1 if high_open else x <= 1)):  # also refuses nan
             raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}")
         return x
 
     return parse
+
+
+def fractions(low_open: bool = False, high_open: bool = False):
+    """argparse type: comma-separated :func:`fraction` s."""
+    one = fraction(low_open, high_open)
+    return lambda text: [one(item) for item in text.split(",")]
 
 
 def device(text: str) -> str:
