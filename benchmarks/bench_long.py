@@ -52,6 +52,7 @@ from common import (
 )
 
 from sparse_prefill import SparseConfig, load_config, patch_model, unpatch_model
+from sparse_prefill.config import CHOICES
 from sparse_prefill.dense import dense_attention
 from sparse_prefill.layout import lower_right_mask
 from sparse_prefill.patch import register_attention
@@ -148,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(names) - set(LONG):
         p.error(f"--models: unknown {sorted(unknown)}; known: {sorted(LONG)}")
     lengths = sorted(int(s) for s in args.lengths.split(","))
-    if bad := set(args.slash_select) - {"token", "block"}:
-        p.error(f"--slash-select: each must be token or block, got {sorted(bad)}")
+    if bad := set(args.slash_select) - set(CHOICES["slash_select"]):
+        p.error(f"--slash-select: each must be one of {CHOICES['slash_select']}, got {sorted(bad)}")
     if args.chunk <= 0 or args.chunk % 64:
         p.error(f"--chunk: must be a positive multiple of 64 (the index's block), got {args.chunk}")
     device, dtype = run_device(p, args.smoke)
