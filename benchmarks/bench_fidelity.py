@@ -36,7 +36,7 @@ from sparse_prefill.patch import last_report, patch_model, resolve_config, unpat
 from sparse_prefill.patches import adapter_for
 from sparse_prefill.plan import build_index
 from sparse_prefill.report import tile_density
-from sparse_prefill.tools.calibrate import calibrate, capturing, natural_text, recall, row_groups
+from sparse_prefill.tools.calibrate import calibrate, capturing, kl_to_dense, natural_text, recall, row_groups
 from sparse_prefill.tools.cli import fractions, parse_lengths
 from sparse_prefill.tools.models import SMOLLM2, load_model
 from sparse_prefill.tools.prompts import passkey_prompt
@@ -136,7 +136,7 @@ def compare(
         for ids, want in zip(texts, dense_logp):
             got = last_logits(model, ids)
             agree.append(float((got.argmax(-1) == want.argmax(-1)).float().mean()))
-            kl.append(float((want.exp() * (want - got)).sum(-1).mean()))
+            kl.append(kl_to_dense(want, got))
         fell_back = [r.reason for r in last_report(model) if r.path == "dense" and "dense" not in r.reason]
         assert not fell_back, f"layers ran dense for: {fell_back}"  # all-dense layers of a config are expected
         keys = passkeys(model, tokenizer, length, seed) if keys else None
@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows.append(dict(length=length, rope=_rope(rope), setting=name, **row))
             print(rows[-1], flush=True)
+            write(rows, dense_rows, args, device)  # after every row: a cut run keeps what it measured
         del model
-        write(rows, dense_rows, args, device)  # after every length: a cut run keeps what it measured
+    print((args.out / "fidelity.md").read_text())
     return 0
 
 
@@ -279,7 +280,6 @@ def write(rows: list[dict], dense_rows: list[dict], args, device: str) -> None:
     for length, r in need.items():
         lines.append(f"| {length} | {r['density']:.3f} | {r['setting']} |" if r else f"| {length} | none | |")
     write_md(args.out / "fidelity.md", lines)
-    print("\n".join(lines))
     plot(need, rows, args.out / "needed_density.png")
 
 

@@ -26,6 +26,7 @@ from sparse_prefill.config import (
     save_config,
 )
 from sparse_prefill.masks import token_mask
+from sparse_prefill.patch import patch_model, unpatch_model
 from sparse_prefill.plan import build_index
 from sparse_prefill.report import tile_density
 
@@ -184,6 +185,43 @@ def test_budget_spends_density_where_it_buys_recall():
     assert C.select(rec, dens, grid, 0.955, budget=0.2)[0].tolist() == [1, 0]  # the target is a floor
 
 
+def test_layer_weights_move_the_budget_to_the_layer_that_needs_it():
+    grid = [spec("a_shape", sink=64, local=0.1), spec("dense")]
+    # 2 layers x 1 head; the budget pays for one dense head. Unweighted it goes where more recall is lost (layer 1);
+    # when a unit of layer 0's lost recall costs 3x layer 1's, to layer 0.
+    rec = torch.tensor([[[0.9], [1.0]], [[0.88], [1.0]]])[None]
+    dens = torch.tensor([[[0.2], [1.0]], [[0.2], [1.0]]])[None]
+    assert C.select(rec, dens, grid, 0.5, budget=0.61).tolist() == [[0], [1]]
+    assert C.select(rec, dens, grid, 0.5, budget=0.61, layer_weight=torch.tensor([1.5, 0.5])).tolist() == [[1], [0]]
+
+
+def test_sensitivity_weights_are_output_error_per_lost_recall():
+    weights = C.sensitivity_weights(torch.tensor([0.02, 0.01, 0.0, 0.0]), torch.tensor([0.1, 0.1, 0.0, 0.2]))
+    # rates 0.2, 0.1, (none: the mean of the measured 0.1), 0.0; then scaled to mean 1
+    torch.testing.assert_close(weights, torch.tensor([0.2, 0.1, 0.1, 0.0]) / 0.1)
+    assert C.sensitivity_weights(torch.zeros(3), torch.zeros(3)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_layer_sensitivity_is_each_layer_alone_against_dense(tiny_llama):
+    info = ModelInfo("tiny", "llama", 2, 4, 2, 16)
+    prompt = C.Prompt("natural", [random.Random(0).randrange(250) for _ in range(512)])
+    local = [spec("a_shape", sink=64, local=0.05)] * 4
+    dense = [spec("dense")] * 4
+    kl = C.layer_sensitivity(tiny_llama, info, [prompt], [local, dense])
+    assert kl[0] > 0 and kl[1] == 0  # an all-dense layer runs no forward and has no error
+    assert tiny_llama.config._attn_implementation == "sdpa"  # unpatched after
+    ids = torch.tensor([prompt.ids])
+    with torch.no_grad():
+        want = torch.log_softmax(tiny_llama(ids).logits[0, -C.SENSITIVITY_ROWS :].float(), -1)
+    patch_model(tiny_llama, SparseConfig.from_dict({**C._config(info, [local, dense], 0, {}).to_dict()}), min_seq_len=0)
+    try:
+        with torch.no_grad():
+            got = torch.log_softmax(tiny_llama(ids).logits[0, -C.SENSITIVITY_ROWS :].float(), -1)
+    finally:
+        unpatch_model(tiny_llama)
+    assert float(kl[0]) == pytest.approx(C.kl_to_dense(want, got), rel=1e-5)
+
+
 class CharTokenizer:
     """One token per character; enough of the tokenizer API for the prompt builders."""
 
@@ -230,6 +268,15 @@ def test_capture_gets_post_rope_qk_and_restores(tiny_llama):
     assert q.shape == (1, 4, 100, 16) and k.shape == (1, 2, 100, 16) and scale == pytest.approx(0.25)
     with torch.no_grad():
         torch.testing.assert_close(tiny_llama(ids).logits, out)  # capturing does not change the output
+
+
+def test_sensitivity_reweighs_the_budget_and_is_recorded(tiny_llama):
+    info = ModelInfo("tiny", "llama", 2, 4, 2, 16)
+    kw = dict(samples=2, seed=5, target=0.3, budget=0.6, progress=False)
+    config = C.calibrate(tiny_llama, CharTokenizer(), info, [512], sensitivity=1, **kw)
+    weights = config.provenance["sensitivity"]["layer_weights"]
+    assert len(weights) == 2 and sum(weights) == pytest.approx(2, abs=0.01)
+    assert C.calibrate(tiny_llama, CharTokenizer(), info, [512], **kw).provenance["sensitivity"] is None
 
 
 def test_calibrate_end_to_end_is_deterministic(tiny_llama, tmp_path):
