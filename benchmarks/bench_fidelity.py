@@ -22,6 +22,7 @@ CLI's prompts read it. Writes fidelity.md, fidelity.csv and needed_density.png u
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import random
 import sys
@@ -196,11 +197,21 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="measure only the settings whose names start with one of these (default: all)",
     )
+    p.add_argument(
+        "--replot",
+        type=lambda v: [Path(c) for c in v.split(",")],
+        default=[],
+        help="measure nothing: draw needed_density.png under --out from the rows of these fidelity.csv files",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity"))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        rows = [row for path in args.replot for row in read_rows(path)]
+        plot(needed(rows), rows, args.out / "needed_density.png")
+        return 0
     if missing := [str(c) for c in args.configs if not c.is_file()]:
         p.error(f"--configs: no such file: {', '.join(missing)}")
     if bad := set(args.rope) - {"yarn", "linear", "dynamic"}:
@@ -239,6 +250,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _rope(rope) -> str:
     return "none" if rope is None else f"{rope[0]}:{rope[1]:g}"
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a fidelity.csv this script wrote, numbers as numbers."""
+    with open(path) as f:
+        return [
+            {**r, "length": int(r["length"]), **{k: float(r[k]) for k in ("density", "recall", "top1", "kl")}}
+            for r in csv.DictReader(f)
+        ]
 
 
 def needed(rows: list[dict]) -> dict[int, dict]:
@@ -295,11 +315,13 @@ def plot(need: dict[int, dict], rows: list[dict], path: Path) -> None:
     for label, points in (("any setting", need), ("uniform vertical-slash ladder", ladder)):
         xs = [n for n in lengths if points.get(n)]
         ax.plot(xs, [points[n]["density"] for n in xs], marker="o", label=label)
+    if missed := [n for n in lengths if need[n] is None]:
+        ax.plot(missed, [1.0] * len(missed), "x", color="red", markersize=10, label="no setting measured kept it")
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [f"{n // 1024}K" for n in lengths])
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel(f"lowest density with top-1 >= {TOP1}, KL <= {KL}")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

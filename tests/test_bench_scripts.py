@@ -248,3 +248,17 @@ def test_fidelity_needed_density_is_the_cheapest_setting_that_keeps_both_thresho
     ]
     need = fidelity.needed(rows)
     assert need[8192]["setting"] == "b" and need[16384] is None
+
+
+def test_fidelity_replot_draws_the_frontier_of_the_csv_rows(tmp_path):
+    fidelity = load("bench_fidelity")
+    row = dict(rope="none", recall=0.99, passkeys="", dense_passkeys="3/3")
+    fidelity.write_csv(tmp_path / "a.csv", [dict(row, length=8192, setting="b", density=0.5, top1=0.991, kl=0.005)],
+                       fidelity.COLUMNS, cell=str)  # fmt: skip
+    fidelity.write_csv(tmp_path / "b.csv", [dict(row, length=32768, setting="d", density=0.9, top1=0.98, kl=0.001)],
+                       fidelity.COLUMNS, cell=str)  # fmt: skip
+    read = fidelity.read_rows(tmp_path / "a.csv")
+    assert read[0]["length"] == 8192 and read[0]["density"] == 0.5 and read[0]["setting"] == "b"
+    out = tmp_path / "plot"
+    assert fidelity.main(["--replot", f"{tmp_path / 'a.csv'},{tmp_path / 'b.csv'}", "--out", str(out)]) == 0
+    assert (out / "needed_density.png").stat().st_size > 0 and not (out / "fidelity.md").exists()
