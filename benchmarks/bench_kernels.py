@@ -20,12 +20,14 @@ of its enable_gqa call and a call on K/V repeated to all query heads.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 from common import LAYER_SHAPES, device_name, do_bench, md_table, versions, write_csv, write_md
 
 SHAPES = {name: LAYER_SHAPES[name] for name in ("llama3-8b", "smollm2")}
@@ -102,6 +104,15 @@ def sdpa_runners(backend, q, k, v) -> dict:
     return runners
 
 
+def pin_stages(stages: int) -> None:
+    """Make the sparse kernel's autotuner try only ``stages`` (its warps kept), forgetting what it chose before."""
+    from sparse_prefill.kernels import sparse_attention
+
+    tuner = sparse_attention._sparse_attn_fwd
+    tuner.configs = [triton.Config({}, num_warps=tuner.configs[0].num_warps, num_stages=stages)]
+    tuner.cache.clear()
+
+
 COLUMNS = ["shape", "S", "provider", "density", "ms", "tflops", "speedup", "efficiency"]
 HEADER = ["shape", "S", "provider", "density", "ms", "TFLOP/s", "speed-up vs cuDNN", "per-tile efficiency"]
 
@@ -128,6 +139,13 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--flash-max", type=int, default=131072, help="longest S timed on the flash backend")
+    parser.add_argument(
+        "--stages",
+        type=lambda v: [int(s) for s in v.split(",")],
+        default=[],
+        help="pin the kernel to each of these pipeline depths in turn (rows 'triton-<pattern> s<n>'); default: the "
+        "kernel's own autotuned choice",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device, nothing to benchmark")
@@ -176,7 +194,9 @@ def main() -> int:
             cudnn_tflops = dense_flops / base_ms / 1e9
             out = torch.empty(1, S, Hq, D, device=device, dtype=torch.bfloat16)
             cases = [("dense", 1.0)] + [(p, d) for d in DENSITIES for p in ("band", "vs", "blocks")]
-            for pattern, target in cases:
+            for stages, (pattern, target) in itertools.product(args.stages or [None], cases):
+                if stages is not None:
+                    pin_stages(stages)
                 index = synthetic_index(pattern, target, Hq, S, device)
                 density = tile_density(index)[0]  # [H]
                 N = index.num_k_blocks
@@ -186,7 +206,7 @@ def main() -> int:
                     {
                         "shape": shape,
                         "S": S,
-                        "provider": f"triton-{pattern}",
+                        "provider": f"triton-{pattern}" + ("" if stages is None else f" s{stages}"),
                         "density": float(density.mean()),
                         "ms": ms,
                         "tflops": flops / ms / 1e9,
