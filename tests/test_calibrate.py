@@ -26,7 +26,7 @@ from sparse_prefill.config import (
     save_config,
 )
 from sparse_prefill.masks import token_mask
-from sparse_prefill.patch import patch_model, unpatch_model
+from sparse_prefill.patch import is_patched, patch_model, unpatch_model
 from sparse_prefill.plan import build_index
 from sparse_prefill.report import tile_density
 
@@ -277,6 +277,13 @@ def test_sensitivity_reweighs_the_budget_and_is_recorded(tiny_llama):
     weights = config.provenance["sensitivity"]["layer_weights"]
     assert len(weights) == 2 and sum(weights) == pytest.approx(2, abs=0.01)
     assert C.calibrate(tiny_llama, CharTokenizer(), info, [512], **kw).provenance["sensitivity"] is None
+    patch_model(tiny_llama, config)
+    try:
+        with pytest.raises(ValueError, match="sensitivity: the model is patched"):
+            C.calibrate(tiny_llama, CharTokenizer(), info, [512], sensitivity=1, **kw)
+        assert is_patched(tiny_llama)  # left as it was
+    finally:
+        unpatch_model(tiny_llama)
 
 
 def test_calibrate_end_to_end_is_deterministic(tiny_llama, tmp_path):

@@ -48,7 +48,7 @@ from ..config import AUTO, DEFAULT_MIN_SEQ_LEN, FORMAT, PATTERN_DEFAULTS, HeadSp
 from ..index import BLOCK, SparseIndex
 from ..masks import block_mask
 from ..ops import cdiv
-from ..patch import patch_model, register_attention, unpatch_model
+from ..patch import is_patched, patch_model, register_attention, unpatch_model
 from ..plan import build_index, registry
 from ..report import tile_density
 from .cli import add_rope_scaling, device, fraction, integer, lengths, output_problem
@@ -385,6 +385,8 @@ def calibrate(
     """Calibrate a per-head config for ``model`` (see the module docstring)."""
     from .. import __version__
 
+    if sensitivity and is_patched(model):  # measuring patches and unpatches the model: the caller's patch would go
+        raise ValueError("sensitivity: the model is patched; unpatch_model(model) before calibrating with it")
     start = time.time()
     prompts = calibration_prompts(tokenizer, lengths, samples, seed, text)
     rec, dens = measure(model, prompts, candidates, seed, progress)
