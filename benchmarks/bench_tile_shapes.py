@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparse_prefill.kernels.common import LOG2E
+from sparse_prefill.kernels.sparse_attention import _tile
 
 # (BLOCK_M, BLOCK_N, num_warps): 64-row tiles take one warpgroup, 128-row tiles two.
 SHAPES = [(64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8)]
@@ -58,27 +59,16 @@ def _dense_causal(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     n_full = (m * BLOCK_M) // BLOCK_N  # key tiles wholly before the block's first row
+    # The sparse kernel's online-softmax step (_tile), so that a tile here costs what one costs there.
     for j in tl.range(0, n_full, warp_specialize=WS):
         k = k_desc.load([0, kv_head, j * BLOCK_N, 0]).reshape(BLOCK_N, D)
         v = v_desc.load([0, kv_head, j * BLOCK_N, 0]).reshape(BLOCK_N, D)
-        qk = tl.dot(q, tl.trans(k))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, k, v, qk_scale, 0, False, "tf32")
     for j in range(n_full, tl.cdiv((m + 1) * BLOCK_M, BLOCK_N)):
         k = k_desc.load([0, kv_head, j * BLOCK_N, 0]).reshape(BLOCK_N, D)
         v = v_desc.load([0, kv_head, j * BLOCK_N, 0]).reshape(BLOCK_N, D)
-        qk = tl.dot(q, tl.trans(k))
-        qk = tl.where((j * BLOCK_N + tl.arange(0, BLOCK_N))[None, :] <= rows[:, None], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        keep = (j * BLOCK_N + tl.arange(0, BLOCK_N))[None, :] <= rows[:, None]
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, k, v, qk_scale, keep, True, "tf32")
     out = acc / l_i[:, None]
     tl.store(
         Out + h.to(tl.int64) * stride_oh + rows[:, None].to(tl.int64) * stride_os + offs_d[None, :],
