@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from common import device_name, md_table, versions, versions_text, write_csv, write_md
 
 from sparse_prefill.config import SparseConfig, load_config
@@ -37,7 +36,15 @@ from sparse_prefill.patch import last_report, patch_model, resolve_config, unpat
 from sparse_prefill.patches import adapter_for
 from sparse_prefill.plan import build_index
 from sparse_prefill.report import tile_density
-from sparse_prefill.tools.calibrate import calibrate, capturing, kl_to_dense, natural_text, recall, row_groups
+from sparse_prefill.tools.calibrate import (
+    calibrate,
+    capturing,
+    kl_to_dense,
+    natural_text,
+    next_token_logp,
+    recall,
+    row_groups,
+)
 from sparse_prefill.tools.cli import fractions, parse_lengths
 from sparse_prefill.tools.models import SMOLLM2, load_model
 from sparse_prefill.tools.prompts import passkey_prompt
@@ -59,10 +66,9 @@ def windows(tokenizer, length: int, count: int, seed: int) -> list[torch.Tensor]
 
 
 def last_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """[SCORED, V] fp32 log-probabilities of the next token at the last SCORED positions."""
-    with torch.no_grad():
-        logits = model(ids.to(model.device), logits_to_keep=SCORED + 1).logits[0, :-1]
-    return F.log_softmax(logits.float(), -1)
+    """[SCORED, V] fp32 log-probabilities of the next token at the last SCORED positions whose next token the text
+    holds."""
+    return next_token_logp(model, ids.to(model.device), SCORED + 1)[:-1]
 
 
 def passkeys(model, tokenizer, length: int, seed: int) -> list[bool]:
@@ -231,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             dense[rope] = (sum(keys), -perplexity(model, texts), keys)
             dense_rows.append(dict(length=length, rope=_rope(rope), ppl=-dense[rope][1], passkeys=f"{sum(keys)}/3"))
             print(dense_rows[-1], flush=True)
+        write(rows, dense_rows, args, device)  # the dense rows stay written even if no setting is measured
         rope = max(dense, key=lambda r: dense[r][:2])
         model, tokenizer = load_model(args.model, dtype, device, rope)
         texts = windows(tokenizer, length, args.texts, args.seed)

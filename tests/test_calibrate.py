@@ -213,7 +213,7 @@ def test_layer_sensitivity_is_each_layer_alone_against_dense(tiny_llama):
     ids = torch.tensor([prompt.ids])
     with torch.no_grad():
         want = torch.log_softmax(tiny_llama(ids).logits[0, -C.SENSITIVITY_ROWS :].float(), -1)
-    patch_model(tiny_llama, SparseConfig.from_dict({**C._config(info, [local, dense], 0, {}).to_dict()}), min_seq_len=0)
+    patch_model(tiny_llama, C._config(info, [local, dense], 0, {}), min_seq_len=0)
     try:
         with torch.no_grad():
             got = torch.log_softmax(tiny_llama(ids).logits[0, -C.SENSITIVITY_ROWS :].float(), -1)

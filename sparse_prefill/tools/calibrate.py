@@ -96,9 +96,14 @@ class Prompt:
     ids: list[int]
 
 
+def _text_ids(tokenizer, text: str | None) -> list[int]:
+    """The tokens of ``text``, or of the built-in calibration split when it is None."""
+    return encode(tokenizer, text if text is not None else natural_text("calibration"))
+
+
 def calibration_prompts(tokenizer, lengths: list[int], samples: int, seed: int, text: str | None = None):
     """``samples`` :class:`Prompt` per length; the kinds (:data:`KINDS`) take turns across all prompts."""
-    text_ids = encode(tokenizer, text if text is not None else natural_text("calibration"))
+    text_ids = _text_ids(tokenizer, text)
     out = []
     for n in lengths:
         for i in range(samples):
@@ -264,10 +269,10 @@ def _config(info: ModelInfo, layers: list[list[HeadSpec]], min_seq_len: int | st
     )
 
 
-def _next_token_logp(model, ids: torch.Tensor) -> torch.Tensor:
-    """[SENSITIVITY_ROWS, V] fp32 log-probabilities of the next token at the prompt's last positions."""
+def next_token_logp(model, ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, V] fp32 log-probabilities of the next token at the last ``rows`` positions of ``ids`` [1, S]."""
     with torch.no_grad():
-        logits = model(ids, logits_to_keep=SENSITIVITY_ROWS).logits[0]
+        logits = model(ids, logits_to_keep=rows).logits[0]
     return F.log_softmax(logits.float(), -1)
 
 
@@ -280,11 +285,11 @@ def layer_sensitivity(model, info: ModelInfo, prompts: list[Prompt], layers: lis
     """Output error of each layer's patterns alone: [L] KL(dense || patched) of the next-token distributions over the
     last SENSITIVITY_ROWS positions, mean over ``prompts``, with layer l patched as ``layers[l]`` and every other
     layer dense. L patched forwards per prompt."""
-    device = next(model.parameters()).device
+    weight = next(model.parameters())
     # The Triton kernel takes fp16/bf16: an fp32 model runs the torch path, which computes the same keys.
-    backend = "torch" if next(model.parameters()).dtype == torch.float32 else "auto"
-    ids = [torch.tensor([p.ids], device=device) for p in prompts]
-    dense = [_next_token_logp(model, x) for x in ids]
+    backend = "torch" if weight.dtype == torch.float32 else "auto"
+    ids = [torch.tensor([p.ids], device=weight.device) for p in prompts]
+    dense = [next_token_logp(model, x, SENSITIVITY_ROWS) for x in ids]
     all_dense = [_spec("dense")] * info.num_heads
     kl = torch.zeros(len(layers))
     for li, heads in enumerate(layers):
@@ -294,7 +299,7 @@ def layer_sensitivity(model, info: ModelInfo, prompts: list[Prompt], layers: lis
         patch_model(model, _config(info, only, 0, {}), min_seq_len=0, backend=backend)
         try:
             for want, x in zip(dense, ids):
-                kl[li] += kl_to_dense(want, _next_token_logp(model, x)) / len(ids)
+                kl[li] += kl_to_dense(want, next_token_logp(model, x, SENSITIVITY_ROWS)) / len(ids)
         finally:
             unpatch_model(model)
     return kl
@@ -393,7 +398,7 @@ def calibrate(
     choice = select(rec, dens, candidates, target, budget)
     weights = None
     if sensitivity and budget is not None:
-        text_ids = encode(tokenizer, text if text is not None else natural_text("calibration"))
+        text_ids = _text_ids(tokenizer, text)
         rng = random.Random(f"{seed}/sensitivity")
         texts = [Prompt("natural", natural_prompt(text_ids, max(lengths), rng)) for _ in range(sensitivity)]
         kl = layer_sensitivity(model, info, texts, _chosen(choice, candidates))
