@@ -6,8 +6,8 @@
 
 Llama-3-8B layer shape (32/8 heads, head_dim 128), bf16, batch 1, on ``bench_kernels.py``'s synthetic index of that
 pattern and density. Everything runs once outside the profiled range first (Triton's autotuning launches the kernel
-once per config); the profiled range then holds exactly the kernels of one ``sparse_attention_triton`` call (the
-column copies, when the index has columns, and the attention kernel) and one cuDNN call.
+once per config); the profiled range then holds exactly the kernels of one ``sparse_attention_triton`` call and
+one cuDNN call.
 """
 
 from __future__ import annotations

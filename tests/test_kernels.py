@@ -94,26 +94,6 @@ def check_against_ref(kinds, group, q_len, kv_len, starts, D, dtype, seed=0, **k
 MIXED = ["vs", "blocks", "dense", "diag", "vs", "blocks"]
 
 
-@pytest.fixture(params=["copied", "gathered"])
-def column_path(request, monkeypatch):
-    """Both ways the kernel reads columns: from contiguous copies of their K/V rows (allowed at any size), and
-    gathered from K/V (copies never allowed). Fails a test whose columns did not take the path it names."""
-    from sparse_prefill.kernels import sparse_attention
-
-    copy = sparse_attention.column_copies
-    took = []
-
-    def spy(*args):
-        copies = copy(*args)
-        took.append(copies is not None)
-        return copies
-
-    monkeypatch.setattr(sparse_attention, "COPY_SHARE", 0 if request.param == "copied" else 10**9)
-    monkeypatch.setattr(sparse_attention, "column_copies", spy)
-    yield request.param
-    assert took and all(t == (request.param == "copied") for t in took), f"columns not {request.param}: {took}"
-
-
 @pytest.mark.parametrize(
     "kinds,group,q_len,kv_len,starts,dtype",
     [
@@ -125,16 +105,16 @@ def column_path(request, monkeypatch):
         (["dense", "vs", "blocks", "diag"], 1, 128, 128, [0, 64], torch.float16),  # block-aligned everything
     ],
 )
-def test_matches_reference(kinds, group, q_len, kv_len, starts, dtype, column_path):
+def test_matches_reference(kinds, group, q_len, kv_len, starts, dtype):
     check_against_ref(kinds, group, q_len, kv_len, starts, 64, dtype)
 
 
-def test_head_dim_128(column_path):
+def test_head_dim_128():
     check_against_ref(["vs", "blocks"], 2, 130, 130, [0, 10], 128, torch.float16, seed=1)
 
 
 @pytest.mark.parametrize("D,dtype", [(96, torch.float16), (48, torch.float32)])
-def test_head_dims_below_a_power_of_two_are_padded(D, dtype, column_path):
+def test_head_dims_below_a_power_of_two_are_padded(D, dtype):
     """Phi-3-mini's 96: tiles of 128 dims whose padding is zero (TMA fills it for whole blocks, masks elsewhere)."""
     out = check_against_ref(["vs", "blocks", "diag"], 3, 150, 150, [0, 20], D, dtype, seed=2)
     assert out.shape[-1] == D
@@ -145,7 +125,7 @@ def test_dense_and_diagonal_only_heads_without_columns_or_blocks():
     check_against_ref(["dense", "diag"], 1, 140, 140, [0], 64, torch.float32, n_cols=0)
 
 
-def test_columns_in_computed_blocks_count_once(column_path):
+def test_columns_in_computed_blocks_count_once():
     """Every column is also inside a diagonal block: the column loop must skip them all."""
     index = random_index(["vs"], 160, 160, [0], p_diag=1.0, n_cols=40, device=DEV)
     q, k, v = qkv(1, 1, 1, 160, 160, 64, dt(torch.float32), device=DEV)
@@ -154,7 +134,7 @@ def test_columns_in_computed_blocks_count_once(column_path):
     assert_close(out, attention_ref(q, k, v, dense_causal, 0.125), ATOL[q.dtype], 1e-3)
 
 
-def test_column_counts_past_the_rows_are_masked(column_path):
+def test_column_counts_past_the_rows_are_masked():
     """col_row_cnt may over-count (here: every block sees the whole list); columns after a row stay masked."""
     index = random_index(["vs", "vs"], 190, 190, [0, 40], seed=3, n_cols=30, device=DEV)
     index.col_row_cnt = index.col_cnt[..., None].expand_as(index.col_row_cnt).contiguous()
@@ -193,7 +173,7 @@ def test_dense_heads_on_sdpa_next_to_the_kernel(dense):
     assert_close(out[0], attention_ref(q, k, v, token_mask(index), 0.125)[0], ATOL[q.dtype], 1e-3)
 
 
-def test_strided_views_and_out_buffer(column_path):
+def test_strided_views_and_out_buffer():
     """q/k/v as transposed [B, S, H, D] views (what transformers hands over), written into a given buffer."""
     index = random_index(["vs", "blocks"], 100, 100, [0, 20], seed=2, device=DEV)
     g = torch.Generator().manual_seed(2)
@@ -202,23 +182,6 @@ def test_strided_views_and_out_buffer(column_path):
     out = sparse_attention_triton(q, k, v, index, 0.125, out=buf)
     assert out is buf
     assert_close(out, attention_ref(q, k, v, token_mask(index), 0.125), ATOL[q.dtype], 1e-3)
-
-
-def test_column_copies_hold_each_heads_rows_within_the_bound():
-    from sparse_prefill.kernels.sparse_attention import COPY_SHARE, column_copies
-
-    g = torch.Generator().manual_seed(5)
-    q_len, kv_len = 50 * COPY_SHARE, 60 * COPY_SHARE  # a chunk; 2 KV heads for 4 query heads
-    k, v = torch.randn(2, 2, 2, kv_len, 16, generator=g)
-    kv_start = torch.tensor([0, 7], dtype=torch.int32)
-    col_idx = torch.randint(0, kv_len - 7, (2, 4, 26), generator=g, dtype=torch.int32)
-    kc, vc = column_copies(k, v, kv_start, col_idx[..., :25], 4, q_len)  # K and V copies: half the output's size
-    assert kc.shape == (2, 4, 25, 16) and kc.is_contiguous()
-    for b, h, i in [(0, 0, 0), (0, 3, 24), (1, 1, 9), (1, 2, 0)]:
-        row = int(kv_start[b] + col_idx[b, h, i])
-        assert torch.equal(kc[b, h, i], k[b, h // 2, row]) and torch.equal(vc[b, h, i], v[b, h // 2, row])
-    assert column_copies(k, v, kv_start, col_idx, 4, q_len) is None  # one more column per head passes the bound
-    assert column_copies(k, v, kv_start, col_idx[..., :0], 4, q_len) is None
 
 
 def test_supports_gives_reasons():
@@ -254,14 +217,14 @@ def gpu_case(kinds, group, q_len, kv_len, starts, D, dtype, seed=0, **kw):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group,D", [(1, 64), (3, 64), (4, 128), (8, 128), (4, 96)])
-def test_gpu_mixed_heads(dtype, group, D, column_path):
+def test_gpu_mixed_heads(dtype, group, D):
     kinds = (MIXED * 3)[: max(group, 2) * 2] if group > 1 else MIXED[:4]
     gpu_case(kinds, group, 3000, 3000, [0, 517], D, dtype, n_cols=200, top_k=8)
 
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_chunked_prefill(column_path):
+def test_gpu_chunked_prefill():
     gpu_case(MIXED[:4], 4, 1000, 4133, [0, 2000], 128, torch.bfloat16, n_cols=100, top_k=6)
 
 

@@ -59,30 +59,22 @@ def _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, 
 
 
 @triton.jit
-def _column_tiles(acc, l_i, m_i, q, q_pos, kc_desc, vc_desc, k_base, v_base, stride_kn, stride_vn, b, h, col_ptr,
-                  n_cols, dmask_ptr, n_blocks, base, length, qk_scale, GATHERED: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PREC: tl.constexpr):
-    """Single key columns ``col_ptr[:n_cols]``, BLOCK_N at a time. Always masked: a chunk may be partial, may hold
-    columns already computed by a diagonal (skipped, so they count once) and columns after some rows.
-
-    GATHERED: the columns' K/V rows were copied ahead into contiguous per-head buffers, read as whole tiles through
-    TMA at addresses the loop knows in advance (so they pipeline like block tiles). Otherwise each tile gathers its
-    rows from K/V, which waits on the column load first."""
+def _column_tiles(acc, l_i, m_i, q, q_pos, k_base, v_base, stride_kn, stride_vn, col_ptr, n_cols, dmask_ptr,
+                  n_blocks, base, length, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  D_PAD: tl.constexpr, PREC: tl.constexpr):
+    """Single key columns ``col_ptr[:n_cols]``, gathered BLOCK_N at a time. Always masked: a chunk may be partial,
+    may hold columns already computed by a diagonal (skipped, so they count once) and columns after some rows."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     dims = (offs_d < HEAD_DIM)[None, :]
     for start in range(0, n_cols, BLOCK_N):
         offs = start + offs_n
         in_list = offs < n_cols
-        # Past the list c = 0, a valid row: the K/V gathers need no row mask.
+        # Past the list c = 0, a valid row: the K/V gathers need no row mask and wait only on the column load.
         c = tl.minimum(tl.load(col_ptr + offs, mask=in_list, other=0), length - 1)
-        if GATHERED:
-            k = kc_desc.load([b, h, start, 0]).reshape(BLOCK_N, D_PAD)
-            v = vc_desc.load([b, h, start, 0]).reshape(BLOCK_N, D_PAD)
-        else:
-            rows = c.to(tl.int64)
-            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=dims, other=0.0)
-            v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=dims, other=0.0)
+        rows = c.to(tl.int64)
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=dims, other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=dims, other=0.0)
         d = base - c // BLOCK_N  # the diagonal that would have computed column c
         covered = tl.load(dmask_ptr + d, mask=in_list & (d >= 0) & (d < n_blocks), other=0)
         keep = (in_list & (covered == 0))[None, :] & (c[None, :] <= q_pos[:, None])
@@ -115,7 +107,7 @@ def _configs():
 @triton.autotune(configs=_configs(), key=["HEAD_DIM"])
 @triton.jit
 def _sparse_attn_fwd(
-    Q, K, V, Out, k_desc, v_desc, kc_desc, vc_desc,
+    Q, K, V, Out, k_desc, v_desc,
     kv_start_ptr, diag_mask_ptr, diag_idx_ptr, diag_cnt_ptr, col_idx_ptr, col_row_cnt_ptr, blk_idx_ptr, blk_cnt_ptr,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_kn,
@@ -124,7 +116,7 @@ def _sparse_attn_fwd(
     q_len, kv_len, H, GROUP, M, N, NCOL, NBLK,
     qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    GATHERED: tl.constexpr, PREC: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # Grid (M, B * H): axis 0 = query block, launched last block first (the causal blocks with most keys start
     # early, the cheap ones fill the tail); axis 1 = sample * query head, so neighbouring programs share K/V in L2.
@@ -184,9 +176,9 @@ def _sparse_attn_fwd(
 
     # 2. Single columns this block can see.
     n_cols = tl.load(col_row_cnt_ptr + head * M + m)
-    acc, l_i, m_i = _column_tiles(acc, l_i, m_i, q, q_pos, kc_desc, vc_desc, k_base, v_base, stride_kn, stride_vn,
-                                  b, h, col_idx_ptr + head * NCOL, n_cols, diag_mask_ptr + head * N, N, base,
-                                  length, qk_scale, GATHERED, BLOCK_N, HEAD_DIM, D_PAD, PREC)
+    acc, l_i, m_i = _column_tiles(acc, l_i, m_i, q, q_pos, k_base, v_base, stride_kn, stride_vn,
+                                  col_idx_ptr + head * NCOL, n_cols, diag_mask_ptr + head * N, N, base, length,
+                                  qk_scale, BLOCK_N, HEAD_DIM, D_PAD, PREC)
 
     # 3. Block lists, ascending: blocks < j_end unmasked, then up to two masked ones; blocks > base see nothing.
     blk_ptr = blk_idx_ptr + (head * M + m) * NBLK
@@ -201,28 +193,6 @@ def _sparse_attn_fwd(
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_ptrs = o_base + q_rows.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(q_rows < q_len)[:, None] & dims)
-
-
-# Copies of the columns' K/V rows may take at most 1/COPY_SHARE of the output's memory, so that the path's peak stays
-# within a few percent of dense attention's (its output); past that the kernel gathers columns from K/V directly.
-COPY_SHARE = 20
-
-
-def column_copies(k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, col_idx: torch.Tensor, nheads: int,
-                  q_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The K and V rows of each query head's columns, contiguous: two (batch, nheads, V, headdim) tensors, or None
-    when there are no columns or the copies would pass the COPY_SHARE bound (2 V <= q_len / COPY_SHARE).
-
-    Arguments: k, v (batch, nheads_k, seqlen_k, headdim); kv_start [batch] and col_idx [batch, nheads, V] int32, as in
-    :class:`SparseIndex` (padding entries copy some valid row, which the kernel masks); q_len: seqlen_q."""
-    B, Hkv, Sk, _ = k.shape
-    V = col_idx.shape[-1]
-    if V == 0 or 2 * V * COPY_SHARE > q_len:
-        return None
-    rows = (kv_start.long()[:, None, None] + col_idx).clamp(max=Sk - 1)
-    b = torch.arange(B, device=k.device)[:, None, None]
-    kv_head = (torch.arange(nheads, device=k.device) // (nheads // Hkv))[None, :, None]
-    return k[b, kv_head, rows], v[b, kv_head, rows]
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
@@ -269,7 +239,6 @@ def sparse_attention_triton(
             bottom-right aligned mask and the sample's left padding (``kv_start``).
         scale: softmax scale.
         out: optional (batch_size, seqlen_q, nheads, headdim) output buffer.
-    Memory: besides out, the columns' K/V rows copied per query head (:func:`column_copies`), within COPY_SHARE.
     Return:
         out: (batch_size, seqlen_q, nheads, headdim), dtype of q: the layout transformers expects. Padding rows and
         rows without any attended key are 0. Equals ``attention_ref(q, k, v, token_mask(index), scale)``.
@@ -305,15 +274,10 @@ def sparse_attention_triton(
     # key tiles the index names. Strides in elements: q/k/v as (batch, head, seq), out as (batch, seq, head).
     grid = (M, B * H)
     d_pad = triton.next_power_of_2(D)
-    k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK, d_pad]) for t in (k, v))
-    copies = column_copies(k, v, kv_start, col_idx, H, Sq) if ncol else None
-    # Without copies the column descriptors are never read: pass K/V's.
-    kc_desc, vc_desc = (
-        (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK, d_pad]) for t in copies)
-        if copies else (k_desc, v_desc)
-    )
     _sparse_attn_fwd[grid](
-        q, k, v, out, k_desc, v_desc, kc_desc, vc_desc,
+        q, k, v, out,
+        TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, BLOCK, d_pad]),
+        TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, BLOCK, d_pad]),
         kv_start, diag_mask, diag_idx, diag_cnt, col_idx, col_row_cnt, blk_idx, blk_cnt,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -321,7 +285,7 @@ def sparse_attention_triton(
         out.stride(0), out.stride(1), out.stride(2),
         Sq, Sk, H, H // Hkv, M, N, ncol, nblk,
         scale * LOG2E,
-        HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CHUNK=256, GATHERED=copies is not None,
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CHUNK=256,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out
