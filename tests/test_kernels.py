@@ -134,6 +134,13 @@ def test_columns_in_computed_blocks_count_once():
     assert_close(out, attention_ref(q, k, v, dense_causal, 0.125), ATOL[q.dtype], 1e-3)
 
 
+@pytest.mark.parametrize("q_len", [400, 150])  # prefill, and a chunk of a chunked prefill
+def test_column_lists_of_several_chunks(q_len):
+    """150 columns per head (three 64-column chunks, the last partial, read ahead of the tiles), some in diagonal
+    blocks; left padding shifts them against the blocks."""
+    check_against_ref(["vs", "vs", "diag"], 3, q_len, 400, [0, 37], 64, torch.float32, seed=6, p_diag=0.4, n_cols=150)
+
+
 def test_column_counts_past_the_rows_are_masked():
     """col_row_cnt may over-count (here: every block sees the whole list); columns after a row stay masked."""
     index = random_index(["vs", "vs"], 190, 190, [0, 40], seed=3, n_cols=30, device=DEV)
