@@ -39,13 +39,12 @@ from sparse_prefill.report import tile_density
 from sparse_prefill.tools.calibrate import (
     calibrate,
     capturing,
-    kl_to_dense,
     natural_text,
-    next_token_logp,
     recall,
     row_groups,
 )
 from sparse_prefill.tools.cli import fractions, parse_lengths
+from sparse_prefill.tools.divergence import kl_to_dense, next_token_logp
 from sparse_prefill.tools.models import SMOLLM2, load_model
 from sparse_prefill.tools.prompts import passkey_prompt
 

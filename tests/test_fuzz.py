@@ -115,7 +115,8 @@ def test_adaptive_heads_follow_the_loop_reference(kv_heads, group, kv_len, chunk
 )
 def test_column_kernel_keeps_the_torch_rankings_columns(kv_len, pads, heads, seed):
     """The Triton column search (interpreted without CUDA) keeps exactly the columns of the torch ranking, for random
-    lengths, padding, forced sinks, gamma and peakedness (distinct random scores: no ties to break)."""
+    lengths, padding, forced sinks, gamma and peakedness (distinct random scores: no ties to break), but for the
+    next-ranked column where the kept mass meets gamma within fp32 rounding."""
     from sparse_prefill.plan.adaptive import cover_columns_torch
     from sparse_prefill.kernels import cover_columns_triton
 
@@ -129,6 +130,19 @@ def test_column_kernel_keeps_the_torch_rankings_columns(kv_len, pads, heads, see
     args = [t.to(dev) for t in (vertical, starts, force, gamma.float(), per_col)]
     want_cols, want_tiles, want_gamma = cover_columns_torch(*args)
     cols, tiles, got_gamma = cover_columns_triton(*args)
-    assert torch.equal(cols, want_cols)
-    assert_close(tiles, want_tiles, 1e-5, 1e-4)
     assert_close(got_gamma, want_gamma, 1e-6, 1e-6)
+    same = (cols == want_cols).all(-1)
+    if not same.all():
+        # The two sum the ranked mass in different orders: where the set's mass meets gamma within fp32 rounding,
+        # one may keep the next-ranked column and the other not. Nothing else may differ.
+        for b, h in (~same).nonzero().tolist():
+            got, want = ({int(c) for c in x[b, h] if c >= 0} for x in (cols.cpu(), want_cols.cpu()))
+            small, large = sorted((got, want), key=len)
+            (extra,) = large - small
+            assert small < large, f"sample {b} head {h}: different columns, not one more"
+            local = vertical[b, h, int(starts[b]) :].double()
+            assert local[extra] >= max((local[c] for c in range(local.numel()) if c not in large), default=0.0)
+            share = float(local[sorted(small)].sum() / local.sum())
+            assert abs(share - float(want_gamma[b, h])) < 1e-4, f"sample {b} head {h}: not a rounding tie"
+        tiles, want_tiles = tiles[same], want_tiles[same]
+    assert_close(tiles, want_tiles, 1e-5, 1e-4)

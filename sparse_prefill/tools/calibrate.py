@@ -52,6 +52,7 @@ from ..patch import is_patched, patch_model, register_attention, unpatch_model
 from ..plan import build_index, registry
 from ..report import tile_density
 from .cli import add_rope_scaling, device, fraction, integer, lengths, output_problem
+from .divergence import kl_to_dense, next_token_logp
 from .models import DTYPES
 from .prompts import encode, natural_prompt, natural_text, passkey_prompt
 from .tasks import kv_prompt, multi_needle_prompt
@@ -267,18 +268,6 @@ def _config(info: ModelInfo, layers: list[list[HeadSpec]], min_seq_len: int | st
             "provenance": provenance,
         }
     )
-
-
-def next_token_logp(model, ids: torch.Tensor, rows: int) -> torch.Tensor:
-    """[rows, V] fp32 log-probabilities of the next token at the last ``rows`` positions of ``ids`` [1, S]."""
-    with torch.no_grad():
-        logits = model(ids, logits_to_keep=rows).logits[0]
-    return F.log_softmax(logits.float(), -1)
-
-
-def kl_to_dense(want: torch.Tensor, got: torch.Tensor) -> float:
-    """KL(dense || patched) of next-token log-probabilities [rows, V], mean over rows."""
-    return float((want.exp() * (want - got)).sum(-1).mean())
 
 
 def layer_sensitivity(model, info: ModelInfo, prompts: list[Prompt], layers: list[list[HeadSpec]]) -> torch.Tensor:

@@ -47,6 +47,7 @@ from ..patches import UnsupportedModelError, adapter_for
 from ..plan import PATTERNS
 from .cli import add_rope_scaling, device, format_length, integer, length, lengths, output_problem
 from .datasets_eval import Example, benchmark_samples, dataset_arg, read_examples
+from .divergence import kl_to_dense
 from .markdown import fidelity_cells, num, table
 from .models import DTYPES, SMOLLM2, cache_kwarg, context_length, load_model
 from .tasks import TASKS, Haystack, Sample, make_samples
@@ -247,10 +248,10 @@ def _run_batch(model, use, tokenizer, heads: int, modules, eos, batch: list[Samp
                     for mode, text in predictions.items()
                 },
                 "top1": float((f_log.argmax(-1) == d_tokens[b, :n]).float().mean()),
-                "kl": float((d_log.exp() * (d_log - f_log)).sum(-1).mean()),
+                "kl": kl_to_dense(d_log, f_log),
                 "agree": predictions["dense"] == predictions["patched"],
                 "top1_first": float(f_log[0].argmax() == d_tokens[b, 0]),
-                "kl_first": float((d_log[0].exp() * (d_log[0] - f_log[0])).sum()),
+                "kl_first": kl_to_dense(d_log[:1], f_log[:1]),
                 "attn_rel_err": [round(e, 6) for e in err],
                 "density": [[round(x, 4) for x in (dens[b] if dens else [1.0] * heads)] for _, dens, _ in report],
                 "sparse_layers": sum(path == "sparse" for path, _, _ in report),
