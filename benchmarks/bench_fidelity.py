@@ -36,13 +36,7 @@ from sparse_prefill.patch import last_report, patch_model, resolve_config, unpat
 from sparse_prefill.patches import adapter_for
 from sparse_prefill.plan import build_index
 from sparse_prefill.report import tile_density
-from sparse_prefill.tools.calibrate import (
-    calibrate,
-    capturing,
-    natural_text,
-    recall,
-    row_groups,
-)
+from sparse_prefill.tools.calibrate import calibrate, capturing, natural_text, recall, row_groups
 from sparse_prefill.tools.cli import fractions, parse_lengths
 from sparse_prefill.tools.divergence import kl_to_dense, next_token_logp
 from sparse_prefill.tools.models import SMOLLM2, load_model

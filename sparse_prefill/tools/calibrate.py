@@ -102,9 +102,12 @@ def _text_ids(tokenizer, text: str | None) -> list[int]:
     return encode(tokenizer, text if text is not None else natural_text("calibration"))
 
 
-def calibration_prompts(tokenizer, lengths: list[int], samples: int, seed: int, text: str | None = None):
-    """``samples`` :class:`Prompt` per length; the kinds (:data:`KINDS`) take turns across all prompts."""
-    text_ids = _text_ids(tokenizer, text)
+def calibration_prompts(
+    tokenizer, lengths: list[int], samples: int, seed: int, text_ids: list[int] | None = None
+) -> list[Prompt]:
+    """``samples`` :class:`Prompt` per length; the kinds (:data:`KINDS`) take turns across all prompts. ``text_ids``:
+    the natural text they draw from, tokenized (default: the built-in calibration split)."""
+    text_ids = text_ids if text_ids is not None else _text_ids(tokenizer, None)
     out = []
     for n in lengths:
         for i in range(samples):
@@ -382,12 +385,12 @@ def calibrate(
     if sensitivity and is_patched(model):  # measuring patches and unpatches the model: the caller's patch would go
         raise ValueError("sensitivity: the model is patched; unpatch_model(model) before calibrating with it")
     start = time.time()
-    prompts = calibration_prompts(tokenizer, lengths, samples, seed, text)
+    text_ids = _text_ids(tokenizer, text)
+    prompts = calibration_prompts(tokenizer, lengths, samples, seed, text_ids)
     rec, dens = measure(model, prompts, candidates, seed, progress)
     choice = select(rec, dens, candidates, target, budget)
     weights = None
     if sensitivity and budget is not None:
-        text_ids = _text_ids(tokenizer, text)
         rng = random.Random(f"{seed}/sensitivity")
         texts = [Prompt("natural", natural_prompt(text_ids, max(lengths), rng)) for _ in range(sensitivity)]
         kl = layer_sensitivity(model, info, texts, _chosen(choice, candidates))
