@@ -120,9 +120,17 @@ def test_head_dims_below_a_power_of_two_are_padded(D, dtype):
     assert out.shape[-1] == D
 
 
-def test_dense_and_diagonal_only_heads_without_columns_or_blocks():
-    """K = 0 and V = 0 index widths: the kernel must never read those tensors."""
-    check_against_ref(["dense", "diag"], 1, 140, 140, [0], 64, torch.float32, n_cols=0)
+@pytest.mark.parametrize(
+    "kinds,n_cols",
+    [(["dense", "diag"], 0), (["vs", "dense"], 12), (["blocks", "diag"], 0), (["vs", "blocks"], 12)],
+)
+def test_each_combination_of_column_and_block_lists(kinds, n_cols):
+    """The kernel is compiled without the column loop when the index has no column list (width 0), and without the
+    block loop when it has no block lists: each of the four builds against the reference (and a width-0 tensor is
+    never read)."""
+    index = random_index(kinds, 140, 140, [0], n_cols=n_cols)
+    assert (index.col_idx.shape[-1] > 0, index.blk_idx.shape[-1] > 0) == (n_cols > 0, "blocks" in kinds)
+    check_against_ref(kinds, 1, 140, 140, [0], 64, torch.float32, n_cols=n_cols)
 
 
 def test_columns_in_computed_blocks_count_once():
@@ -227,6 +235,13 @@ def gpu_case(kinds, group, q_len, kv_len, starts, D, dtype, seed=0, **kw):
 def test_gpu_mixed_heads(dtype, group, D):
     kinds = (MIXED * 3)[: max(group, 2) * 2] if group > 1 else MIXED[:4]
     gpu_case(kinds, group, 3000, 3000, [0, 517], D, dtype, n_cols=200, top_k=8)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kinds,n_cols", [(["dense", "diag"], 0), (["vs", "dense"], 200), (["blocks", "diag"], 0)])
+def test_gpu_without_column_or_block_lists(kinds, n_cols):
+    gpu_case(kinds * 2, 2, 3000, 3000, [0, 517], 128, torch.bfloat16, n_cols=n_cols, top_k=8)
 
 
 @gpu

@@ -2,7 +2,8 @@
 
 One launch computes every (sample, query head, query block of 64 rows) of a layer, whatever pattern each head uses:
 three loops with runtime trip counts (block diagonals, single columns, block lists) feed one flash-attention online
-softmax. A loop a head does not use has zero trips and costs nothing.
+softmax. A loop a head does not use has zero trips; a loop no head of the layer uses is compiled out (without the
+column loop a layer of whole tiles needs 148 registers a thread, not 224, and runs up to 13% faster).
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def _column_tiles(acc, l_i, m_i, q, q_pos, k_base, v_base, stride_kn, stride_vn,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     dims = (offs_d < HEAD_DIM)[None, :]
-    for start in range(0, n_cols, BLOCK_N):
+    # Not software-pipelined: staging the gathers for a next iteration made every column tile 2-12% slower on H200
+    # (each gather waits on its column list load anyway; a stage only adds shared-memory traffic).
+    for start in tl.range(0, n_cols, BLOCK_N, num_stages=1):
         offs = start + offs_n
         in_list = offs < n_cols
         # Past the list c = 0, a valid row: the K/V gathers need no row mask and wait only on the column load.
@@ -104,7 +107,7 @@ def _configs():
     return [triton.Config({}, num_warps=4, num_stages=s) for s in (2, 3)]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "HAS_COLS", "HAS_BLKS"])
 @triton.jit
 def _sparse_attn_fwd(
     Q, K, V, Out, k_desc, v_desc,
@@ -116,7 +119,7 @@ def _sparse_attn_fwd(
     q_len, kv_len, H, GROUP, M, N, NCOL, NBLK,
     qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, HAS_COLS: tl.constexpr, HAS_BLKS: tl.constexpr,
 ):
     # Grid (M, B * H): axis 0 = query block, launched last block first (the causal blocks with most keys start
     # early, the cheap ones fill the tail); axis 1 = sample * query head, so neighbouring programs share K/V in L2.
@@ -175,19 +178,21 @@ def _sparse_attn_fwd(
                                  n_valid, base, qk_scale, True, False, BLOCK_N, D_PAD, PREC)
 
     # 2. Single columns this block can see.
-    n_cols = tl.load(col_row_cnt_ptr + head * M + m)
-    acc, l_i, m_i = _column_tiles(acc, l_i, m_i, q, q_pos, k_base, v_base, stride_kn, stride_vn,
-                                  col_idx_ptr + head * NCOL, n_cols, diag_mask_ptr + head * N, N, base, length,
-                                  qk_scale, BLOCK_N, HEAD_DIM, D_PAD, PREC)
+    if HAS_COLS:
+        n_cols = tl.load(col_row_cnt_ptr + head * M + m)
+        acc, l_i, m_i = _column_tiles(acc, l_i, m_i, q, q_pos, k_base, v_base, stride_kn, stride_vn,
+                                      col_idx_ptr + head * NCOL, n_cols, diag_mask_ptr + head * N, N, base, length,
+                                      qk_scale, BLOCK_N, HEAD_DIM, D_PAD, PREC)
 
     # 3. Block lists, ascending: blocks < j_end unmasked, then up to two masked ones; blocks > base see nothing.
-    blk_ptr = blk_idx_ptr + (head * M + m) * NBLK
-    n_blk = tl.load(blk_cnt_ptr + head * M + m)
-    n_full, n_valid = _count_at_most(blk_ptr, n_blk, j_end - 1, base, CHUNK)
-    acc, l_i, m_i = _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, blk_ptr, 0, n_full,
-                                 base, qk_scale, False, False, BLOCK_N, D_PAD, PREC)
-    acc, l_i, m_i = _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, blk_ptr, n_full,
-                                 n_valid, base, qk_scale, False, True, BLOCK_N, D_PAD, PREC)
+    if HAS_BLKS:
+        blk_ptr = blk_idx_ptr + (head * M + m) * NBLK
+        n_blk = tl.load(blk_cnt_ptr + head * M + m)
+        n_full, n_valid = _count_at_most(blk_ptr, n_blk, j_end - 1, base, CHUNK)
+        acc, l_i, m_i = _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, blk_ptr, 0,
+                                     n_full, base, qk_scale, False, False, BLOCK_N, D_PAD, PREC)
+        acc, l_i, m_i = _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, blk_ptr, n_full,
+                                     n_valid, base, qk_scale, False, True, BLOCK_N, D_PAD, PREC)
 
     # Rows that attended to nothing have l_i == 0 and acc == 0: write 0, not NaN.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -265,7 +270,7 @@ def sparse_attention_triton(
         index.blk_cnt)]
     kv_start, diag_idx, diag_cnt, col_idx, col_row_cnt, blk_idx, blk_cnt = ints
     ncol, nblk = col_idx.shape[-1], blk_idx.shape[-1]
-    # Empty column / block lists: pass any valid pointer, their counts are 0 so it is never read.
+    # Empty column / block lists: their loops are compiled out, but the pointer arguments must still be valid.
     col_idx = col_idx if ncol else col_row_cnt
     blk_idx = blk_idx if nblk else blk_cnt
     diag_mask = index.diag_mask.to(q.device).contiguous().view(torch.uint8)
@@ -286,6 +291,6 @@ def sparse_attention_triton(
         Sq, Sk, H, H // Hkv, M, N, ncol, nblk,
         scale * LOG2E,
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=BLOCK, BLOCK_N=BLOCK, CHUNK=256,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", HAS_COLS=ncol > 0, HAS_BLKS=nblk > 0,
     )
     return out
