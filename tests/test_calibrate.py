@@ -278,6 +278,8 @@ def test_sensitivity_reweighs_the_budget_and_is_recorded(tiny_llama):
     weights = config.provenance["sensitivity"]["layer_weights"]
     assert len(weights) == 2 and sum(weights) == pytest.approx(2, abs=0.01)
     assert C.calibrate(tiny_llama, CharTokenizer(), info, [512], **kw).provenance["sensitivity"] is None
+    with pytest.raises(ValueError, match="sensitivity: needs a budget"):  # nothing to re-spend: not ignored
+        C.calibrate(tiny_llama, CharTokenizer(), info, [512], sensitivity=1, **{**kw, "budget": None})
     patch_model(tiny_llama, config)
     try:
         with pytest.raises(ValueError, match="sensitivity: the model is patched"):
@@ -382,6 +384,7 @@ def no_model_load(monkeypatch):
         (["--min-seq-len", "2147483648"], "argument --min-seq-len: must be an integer from 0 to 2147483647"),
         (["--text", "{tmp}/latin-1.txt"], "argument --text: cannot read {tmp}/latin-1.txt as UTF-8 text"),
         (["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
+        (["--budget", "none", "--sensitivity", "2"], "argument --sensitivity: needs a --budget"),
     ],
 )
 def test_bad_arguments_exit_2_before_the_model_loads(argv, message, tmp_path, no_model_load, capsys):

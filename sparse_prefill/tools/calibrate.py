@@ -382,6 +382,8 @@ def calibrate(
     """Calibrate a per-head config for ``model`` (see the module docstring)."""
     from .. import __version__
 
+    if sensitivity and budget is None:  # weights re-spend a budget: with none, they would be silently ignored
+        raise ValueError("sensitivity: needs a budget (budget=None picks each head's cheapest pattern)")
     if sensitivity and is_patched(model):  # measuring patches and unpatches the model: the caller's patch would go
         raise ValueError("sensitivity: the model is patched; unpatch_model(model) before calibrating with it")
     start = time.time()
@@ -390,7 +392,7 @@ def calibrate(
     rec, dens = measure(model, prompts, candidates, seed, progress)
     choice = select(rec, dens, candidates, target, budget)
     weights = None
-    if sensitivity and budget is not None:
+    if sensitivity:
         rng = random.Random(f"{seed}/sensitivity")
         texts = [Prompt("natural", natural_prompt(text_ids, max(lengths), rng)) for _ in range(sensitivity)]
         kl = layer_sensitivity(model, info, texts, _chosen(choice, candidates))
@@ -475,7 +477,7 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="natural-text prompts (at the longest --lengths) on which each layer's output error is measured, so that "
         "the budget goes first to the layers whose lost recall moves the output most; one forward per prompt and "
-        "layer (default 0: every layer's lost recall counts alike)",
+        "layer; needs a --budget (default 0: every layer's lost recall counts alike)",
     )
     p.add_argument(
         "--min-seq-len",
@@ -509,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"argument --out: {problem}")
     if args.model != SMOLLM2 and not Path(args.model).is_dir():
         p.error(f"argument --model: {args.model!r} is neither {SMOLLM2!r} nor a local model folder")
+    if args.sensitivity and args.budget is None:
+        p.error("argument --sensitivity: needs a --budget (with --budget none each head takes its cheapest pattern)")
     text = None
     if args.text is not None:
         try:
