@@ -41,8 +41,13 @@ def _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, 
     Loaded through TMA descriptors (contiguous 64-row tiles); rows past the end of the keys, and dims past head_dim,
     come back as zeros."""
     offs_n = tl.arange(0, BLOCK_N)
+    # Each entry is read one tile ahead. Triton's pipeliner prefetches the TMA loads but not this scalar load, so a
+    # TMA load whose coordinates came from a load in the same iteration waited on global memory every tile (ncu: the
+    # loop head took 30% of the stall samples on whole tiles).
+    e_next = tl.load(idx_ptr + lo, mask=lo < hi, other=0)
     for i in range(lo, hi):
-        e = tl.load(idx_ptr + i)
+        e = e_next
+        e_next = tl.load(idx_ptr + i + 1, mask=i + 1 < hi, other=0)
         if DIAG:
             j = base - e
         else:
