@@ -42,8 +42,8 @@ def _block_tiles(acc, l_i, m_i, q, q_pos, k_desc, v_desc, b, kv_head, kv_start, 
     come back as zeros."""
     offs_n = tl.arange(0, BLOCK_N)
     # Each entry is read one tile ahead. Triton's pipeliner prefetches the TMA loads but not this scalar load, so a
-    # TMA load whose coordinates came from a load in the same iteration waited on global memory every tile (ncu: the
-    # loop head took 30% of the stall samples on whole tiles).
+    # TMA load whose coordinates came from a load in the same iteration waited on global memory every tile
+    # (benchmarks/results/kernel_index_prefetch_h200/).
     e_next = tl.load(idx_ptr + lo, mask=lo < hi, other=0)
     for i in range(lo, hi):
         e = e_next
