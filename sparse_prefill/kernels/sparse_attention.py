@@ -126,12 +126,18 @@ def _sparse_attn_fwd(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     PREC: tl.constexpr, HAS_COLS: tl.constexpr, HAS_BLKS: tl.constexpr,
 ):
-    # Grid (M, B * H): axis 0 = query block, launched last block first (the causal blocks with most keys start
-    # early, the cheap ones fill the tail); axis 1 = sample * query head, so neighbouring programs share K/V in L2.
-    m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    # One grid axis, in launch order: per (sample, KV head), query blocks last first (the causal blocks with most keys
+    # start early, the cheap ones fill the tail), and within a block the GROUP query heads that read the same K/V, so
+    # neighbouring programs share it in L2 (on the H200, columns at head_dim 64 ran 9 % faster than with each query
+    # head's blocks together, head_dim 128 the same: benchmarks/results/kernel_launch_order_h200/).
+    pid = tl.program_id(0)
+    hq = pid % GROUP
+    rest = pid // GROUP
+    m = M - 1 - rest % M
+    bg = rest // M  # sample * KV heads + KV head
+    b = bg // (H // GROUP)
+    h = (bg % (H // GROUP)) * GROUP + hq
+    bh = b * H + h
     head = bh.to(tl.int64)  # (b, h) row of the index tensors
     offs_m = tl.arange(0, BLOCK_M)
     # head_dim padded to a power of two (tile shapes must be); the padding dims are zeros, which leave q·k and the
@@ -280,9 +286,9 @@ def sparse_attention_triton(
     blk_idx = blk_idx if nblk else blk_cnt
     diag_mask = index.diag_mask.to(q.device).contiguous().view(torch.uint8)
 
-    # Grid: (query blocks, batch * query heads); each program owns 64 query rows of one head and loops over the
-    # key tiles the index names. Strides in elements: q/k/v as (batch, head, seq), out as (batch, seq, head).
-    grid = (M, B * H)
+    # One program per (sample, query head, query block): it owns 64 query rows of one head and loops over the key
+    # tiles the index names. Strides in elements: q/k/v as (batch, head, seq), out as (batch, seq, head).
+    grid = (M * B * H,)
     d_pad = triton.next_power_of_2(D)
     _sparse_attn_fwd[grid](
         q, k, v, out,
