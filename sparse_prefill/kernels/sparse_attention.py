@@ -131,13 +131,11 @@ def _sparse_attn_fwd(
     # neighbouring programs share it in L2 (on the H200, columns at head_dim 64 ran 9 % faster than with each query
     # head's blocks together, head_dim 128 the same: benchmarks/results/kernel_launch_order_h200/).
     pid = tl.program_id(0)
-    hq = pid % GROUP
     rest = pid // GROUP
     m = M - 1 - rest % M
-    bg = rest // M  # sample * KV heads + KV head
-    b = bg // (H // GROUP)
-    h = (bg % (H // GROUP)) * GROUP + hq
-    bh = b * H + h
+    bh = rest // M * GROUP + pid % GROUP  # (sample * KV heads + KV head) * GROUP + query head within the group
+    b = bh // H
+    h = bh % H
     head = bh.to(tl.int64)  # (b, h) row of the index tensors
     offs_m = tl.arange(0, BLOCK_M)
     # head_dim padded to a power of two (tile shapes must be); the padding dims are zeros, which leave q·k and the
